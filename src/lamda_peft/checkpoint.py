@@ -1,0 +1,195 @@
+"""Adapter files: atomic `save_pretrained`, validated `from_pretrained`.
+
+On disk (PEFT's file names): `adapter_config.json` and `adapter_model.safetensors`, the latter
+holding only adapter tensors (`<module>.lamda_A`, `.lamda_B0`, `.lamda_S0`, `.lamda_dS`,
+`.lamda_dB`, `.lamda_frozen`, `.lamda_step`) and the `modules_to_save` weights (`<module>.<param>`).
+Its metadata carries the SHA-256 of the config it was written with, so a folder whose two files
+come from different saves (a crash between the two renames) is refused.
+
+Loading reads only JSON and safetensors and checks every tensor (name, shape, dtype, finite)
+against the base model before the model is modified. W_res is rebuilt from the saved A and B0,
+never from a new SVD, so a reloaded model is bitwise the saved one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from lamda_peft.config import CONFIG_NAME, LamdaConfig
+from lamda_peft.layer import linear_shape, torch_layout_weight
+from lamda_peft.spectral import SpectralFactors
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "lamda-peft/1"
+_ADAPTER_KEYS = ("lamda_A", "lamda_B0", "lamda_S0", "lamda_dS", "lamda_dB", "lamda_frozen", "lamda_step")
+DEFAULT_MAX_FILE_BYTES = 8 * 2**30  # a user can raise it: load_adapter(..., max_file_bytes=...)
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder cannot be loaded onto this base model; nothing was modified."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with __import__("contextlib").suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def adapter_state_dict(lamda_model) -> dict[str, torch.Tensor]:
+    """Adapter tensors and modules_to_save weights, keyed as in the safetensors file."""
+    state = {}
+    for name, layer in lamda_model.lamda_layers():
+        for key, tensor in zip(
+            _ADAPTER_KEYS, (layer.A, layer.B0, layer.S0, layer.dS, layer.dB, layer.frozen, layer.step), strict=True
+        ):
+            state[f"{name}.{key}"] = tensor.detach().contiguous().cpu()
+    for module_name in lamda_model.config.modules_to_save or []:
+        module = lamda_model._module_to_save(module_name)
+        prefix = next(n for n, m in lamda_model.model.named_modules() if m is module)
+        for pname, p in module.state_dict().items():
+            state[f"{prefix}.{pname}"] = p.detach().contiguous().cpu()
+    return state
+
+
+def _config_bytes(config: LamdaConfig) -> bytes:
+    return (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+
+def save_adapter(lamda_model, directory: str | Path) -> Path:
+    """Write the adapter folder atomically (each file is replaced whole, weights first)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config_bytes = _config_bytes(lamda_model.config)
+    metadata = {"format": FORMAT, "config_sha256": hashlib.sha256(config_bytes).hexdigest()}
+    atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(adapter_state_dict(lamda_model), metadata=metadata))
+    atomic_write_bytes(directory / CONFIG_NAME, config_bytes)
+    return directory
+
+
+def _read_tensors(path: Path, config_bytes: bytes, max_file_bytes: int) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise AdapterLoadError(f"missing {path.name} in {path.parent}: not a complete adapter folder")
+    if path.is_symlink() and path.resolve().parent != path.parent.resolve():
+        raise AdapterLoadError(f"{path} is a symlink out of its folder; refusing to follow it")
+    size = path.stat().st_size
+    if size > max_file_bytes:
+        raise AdapterLoadError(f"{path} is {size} bytes, over the limit of {max_file_bytes} (raise max_file_bytes)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for every corruption
+        raise AdapterLoadError(f"{path} is not a valid safetensors file ({type(err).__name__}: {err})") from None
+    if metadata.get("format") != FORMAT:
+        raise AdapterLoadError(f"{path} was not written by lamda-peft (metadata format {metadata.get('format')!r})")
+    if metadata.get("config_sha256") != hashlib.sha256(config_bytes).hexdigest():
+        raise AdapterLoadError(
+            f"{path} and its {CONFIG_NAME} come from different saves (config hash mismatch): the folder is "
+            "inconsistent, probably from an interrupted overwrite"
+        )
+    return tensors
+
+
+def _expect(tensors: dict, key: str, shape: tuple, dtypes: tuple, where: str) -> torch.Tensor:
+    if key not in tensors:
+        raise AdapterLoadError(f"{where}: tensor {key!r} is missing from the adapter file")
+    t = tensors[key]
+    if tuple(t.shape) != tuple(shape):
+        raise AdapterLoadError(f"{where}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype not in dtypes:
+        raise AdapterLoadError(f"{where}: tensor {key!r} has dtype {t.dtype}, expected one of {dtypes}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise AdapterLoadError(f"{where}: tensor {key!r} holds NaN or Inf values")
+    return t
+
+
+def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+    """Restore a saved LaMDA adapter onto a pristine `model` (the same base it was trained on).
+
+    Every tensor is checked before anything is modified; on error the model is untouched.
+
+    Raises:
+        FileNotFoundError: the folder or its config is missing.
+        ConfigError: the config is invalid (unknown keys, bad values, not a LaMDA adapter).
+        AdapterLoadError: the weights file is missing, corrupt, or does not fit this base model.
+    """
+    from lamda_peft.model import LamdaModel
+    from lamda_peft.targets import find_targets
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter folder {directory} does not exist")
+    config = LamdaConfig.load(directory)
+    # The hash is over the config's canonical JSON form, as save_adapter wrote it.
+    tensors = _read_tensors(directory / WEIGHTS_NAME, _config_bytes(config), max_file_bytes)
+    try:
+        targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
+    except ValueError as err:
+        raise AdapterLoadError(f"{directory}: this base model does not fit the adapter: {err}") from None
+    factors, states, expected = {}, {}, set()
+    for name in targets:
+        base = model.get_submodule(name)
+        d_out, d_in = linear_shape(base)
+        r = config.rank_for(name)
+        where = f"{directory}: module {name!r} ({d_out}x{d_in}, rank {r})"
+        floats = (torch.float32, torch.float64)
+        A = _expect(tensors, f"{name}.lamda_A", (r, d_in), floats, where)
+        B0 = _expect(tensors, f"{name}.lamda_B0", (d_out, r), (A.dtype,), where)
+        S0 = _expect(tensors, f"{name}.lamda_S0", (r, r), (A.dtype,), where)
+        dS = _expect(tensors, f"{name}.lamda_dS", (r, r), (A.dtype,), where)
+        dB = _expect(tensors, f"{name}.lamda_dB", (d_out, r), (A.dtype,), where)
+        frozen = _expect(tensors, f"{name}.lamda_frozen", (r,), (torch.bool,), where)
+        step = _expect(tensors, f"{name}.lamda_step", (), (torch.int64,), where)
+        if int(step) < 0:
+            raise AdapterLoadError(f"{where}: lamda_step is negative ({int(step)})")
+        expected.update(f"{name}.{k}" for k in _ADAPTER_KEYS)
+        factors[name] = SpectralFactors(A, B0, S0, torch.zeros(r, dtype=A.dtype))
+        states[name] = (dS, dB, frozen, step)
+    saved_modules = {}
+    for module_name in config.modules_to_save or []:
+        hits = [(n, m) for n, m in model.named_modules() if n == module_name or n.endswith("." + module_name)]
+        if len(hits) != 1:
+            raise AdapterLoadError(f"{directory}: modules_to_save entry {module_name!r} matches no single module")
+        prefix, module = hits[0]
+        for pname, p in module.state_dict().items():
+            key = f"{prefix}.{pname}"
+            _expect(tensors, key, tuple(p.shape), (p.dtype,), f"{directory}: module {prefix!r}")
+            expected.add(key)
+            saved_modules[key] = (module, pname)
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise AdapterLoadError(f"{directory}: unexpected tensors in {WEIGHTS_NAME} for this base model: {extra[:5]}")
+    # Everything checked: now modify the model.
+    for key, (module, pname) in saved_modules.items():
+        module.load_state_dict({pname: tensors[key]}, strict=False)
+    lamda_model = LamdaModel(model, config, factors=factors)
+    for name, layer in lamda_model.lamda_layers():
+        dS, dB, frozen, step = states[name]
+        with torch.no_grad():
+            device = torch_layout_weight(layer.base_layer).device
+            layer.dS.copy_(dS.to(device))
+            layer.dB.copy_(dB.to(device))
+            layer.frozen.copy_(frozen.to(device))
+            layer.step.copy_(step.to(device))
+        layer.sync_frozen_state()
+    return lamda_model

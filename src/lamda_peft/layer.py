@@ -1,0 +1,195 @@
+"""The adapted layer: `LamdaLinear`, a frozen linear plus LaMDA's low-dimensional path.
+
+    y = x W_res^T + scaling * B S A x,     B = B0 + dB,  S = S0 + dS          (SPEC.md section 1)
+
+| tensor | shape       | kind      | why                                                         |
+|--------|-------------|-----------|-------------------------------------------------------------|
+| A      | r x d_in    | buffer    | PMA, frozen from the start                                  |
+| B0, S0 | d_out x r, r x r | buffers | the spectral init; weight decay on dB/dS pulls B, S back to them, not to 0 |
+| dS     | r x r       | Parameter | LDA: trainable for the whole run                            |
+| dB     | d_out x r   | Parameter | PMB: trainable early, frozen column by column (the schedule) |
+| frozen | r (bool)    | buffer    | which columns of B are frozen                               |
+| step   | () int64    | buffer    | optimizer steps taken, so resumption restores the schedule  |
+
+Frozen columns of dB are made immovable, not merely gradient-free: their gradient is masked
+(so clipping norms and DDP all-reduces see zero) and, after every optimizer step, their values
+are restored bit for bit from a snapshot (AdamW's momentum and weight decay cannot move them).
+Once every column is frozen, dB stops requiring grad and leaves the optimizer (its state freed),
+and the forward pass saves only the r-wide `A x` for backward.
+
+The base weight is stored as W_res in the wrapped layer itself (`nn.Linear` or HF `Conv1D`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lamda_peft.spectral import SpectralFactors, residual_weight
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The adapter's weight update in torch layout: scaling * B @ S @ A, shape (d_out, d_in)."""
+    return scaling * (B @ (S @ A))  # (d_out, r) @ ((r, r) @ (r, d_in))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's GPT-2 style `Conv1D` (weight stored as d_in x d_out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of an `nn.Linear` or HF `Conv1D`."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+
+
+def torch_layout_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as a (d_out, d_in) tensor (a transposed view for `Conv1D`)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+class LamdaLinear(nn.Module):
+    """A LaMDA adapter around a frozen `nn.Linear` or HF `Conv1D`.
+
+    Args:
+        base_layer: the layer to adapt; its weight is replaced in place by W_res.
+        factors: A, B0, S0 from `spectral_factors` (or from a saved adapter).
+        scaling: alpha / r.
+        dropout: dropout probability on the adapter input (0 keeps only r-wide activations).
+        freeze_order: "largest_first" or "smallest_first" (column 0 = largest singular value).
+        set_residual: False when the base already holds W_res (never recompute it twice).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        factors: SpectralFactors,
+        scaling: float,
+        dropout: float = 0.0,
+        freeze_order: str = "largest_first",
+        set_residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)  # W_res is frozen by definition: x is then not saved for its grad
+        self.d_out, self.d_in = linear_shape(base_layer)
+        self.r = factors.A.shape[0]
+        self.scaling = float(scaling)
+        self.freeze_order = freeze_order
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        r, dtype = self.r, factors.A.dtype
+        self.register_buffer("A", factors.A.detach().clone())
+        self.register_buffer("B0", factors.B0.detach().clone())
+        self.register_buffer("S0", factors.S0.detach().clone())
+        self.dS = nn.Parameter(torch.zeros(r, r, dtype=dtype))
+        self.dB = nn.Parameter(torch.zeros(self.d_out, r, dtype=dtype))
+        self.register_buffer("frozen", torch.zeros(r, dtype=torch.bool))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # Values the frozen columns are pinned to; rebuilt from dB whenever `frozen` changes.
+        self.register_buffer("_dB_pinned", torch.zeros(self.d_out, r, dtype=dtype), persistent=False)
+        self.dB.register_hook(self._mask_frozen_grad)
+        if set_residual:
+            with torch.no_grad():
+                w = torch_layout_weight(base_layer)
+                w_res = residual_weight(w, self.A, self.B0, self.scaling)
+                self._write_base(w_res)
+
+    # -- the maths, once ---------------------------------------------------------------------
+    @property
+    def B(self) -> torch.Tensor:
+        """Current PMB, (d_out, r)."""
+        return self.B0 + self.dB
+
+    @property
+    def S(self) -> torch.Tensor:
+        """Current LDA core, (r, r)."""
+        return self.S0 + self.dS
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B S A in torch layout (d_out, d_in)."""
+        return delta_weight(self.A, self.B, self.S, self.scaling)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # x W_res^T (+ bias)
+        if self.merged:
+            return result
+        # M = scaling * B S: (d_out, r). One r-wide intermediate h = A x is all that is saved
+        # for backward (A is a buffer, so x itself is not kept).
+        if self.disabled:  # W_res + scaling * B0 S0 A is the original weight: the base model's output
+            M = self.scaling * (self.B0 @ self.S0)
+        else:
+            M = self.scaling * (self.B @ self.S)
+        h = F.linear(self.dropout(x), self.A.to(x.dtype))  # (..., r)
+        return result + F.linear(h, M.to(x.dtype)).to(result.dtype)  # (..., d_out)
+
+    # -- freezing ----------------------------------------------------------------------------
+    def _mask_frozen_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if not bool(self.frozen.any()):
+            return grad
+        return grad.masked_fill(self.frozen[None, :], 0.0)
+
+    @property
+    def n_frozen(self) -> int:
+        return int(self.frozen.sum())
+
+    def freeze_columns(self, count: int) -> None:
+        """Freeze the first `count` columns of B in this layer's freeze order (never unfreezes)."""
+        count = max(self.n_frozen, min(int(count), self.r))
+        order = torch.arange(self.r) if self.freeze_order == "largest_first" else torch.arange(self.r - 1, -1, -1)
+        new = torch.zeros_like(self.frozen)
+        new[order[:count].to(new.device)] = True
+        if torch.equal(new, self.frozen):
+            return
+        with torch.no_grad():
+            # Columns frozen earlier keep their pinned values; newly frozen ones pin their current ones.
+            self._dB_pinned.copy_(torch.where(self.frozen[None, :], self._dB_pinned, self.dB))
+            self.frozen.copy_(new)
+        if count == self.r:
+            self.dB.requires_grad_(False)
+            self.dB.grad = None
+
+    def restore_frozen(self) -> None:
+        """Undo whatever an optimizer step did to frozen columns (bitwise)."""
+        if bool(self.frozen.any()):
+            with torch.no_grad():
+                self.dB.copy_(torch.where(self.frozen[None, :], self._dB_pinned, self.dB))
+
+    def sync_frozen_state(self) -> None:
+        """After loading `frozen` and `dB` from a checkpoint: pin the frozen columns at their loaded values."""
+        with torch.no_grad():
+            self._dB_pinned.copy_(self.dB)
+        self.dB.requires_grad_(not bool(self.frozen.all()))
+
+    def trainable_count(self) -> int:
+        """r*r + d_out * (unfrozen columns of B): this layer's trainable parameters right now."""
+        return self.r * self.r + self.d_out * (self.r - self.n_frozen)
+
+    # -- merge / unmerge ---------------------------------------------------------------------
+    def _write_base(self, w_torch_layout: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        w.data.copy_(w_torch_layout.T if is_conv1d(self.base_layer) else w_torch_layout)
+
+    def merge(self) -> None:
+        """Fold scaling*B S A into the base weight. Merging a merged layer is a no-op."""
+        if self.merged:
+            return
+        with torch.no_grad():
+            w = torch_layout_weight(self.base_layer)
+            self._write_base((w.float() + self.delta_weight().float()).to(w.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the adapter back out of the base weight. Unmerging an unmerged layer is a no-op."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            w = torch_layout_weight(self.base_layer)
+            self._write_base((w.float() - self.delta_weight().float()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scaling={self.scaling:g}, frozen={self.n_frozen}/{self.r}"

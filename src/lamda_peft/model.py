@@ -1,0 +1,234 @@
+"""`LamdaModel`: injects LaMDA layers into any `nn.Module` and drives, saves, merges and exports them.
+
+`get_lamda_model(model, config)` is the entry point. The wrapped model keeps its own API: calls
+and unknown attributes are forwarded to it, so a Hugging Face model stays a Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lamda_peft.config import LamdaConfig
+from lamda_peft.layer import LamdaLinear, linear_shape, torch_layout_weight
+from lamda_peft.schedule import FreezeSchedule
+from lamda_peft.spectral import SpectralFactors, spectral_factors
+from lamda_peft.targets import find_targets
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision bases keep their adapter in float32 (PEFT's autocast_adapter_dtype does the same).
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+class LamdaModel(nn.Module):
+    """A model with LaMDA adapters. Build it with `get_lamda_model` or `LamdaModel.from_pretrained`.
+
+    Attributes:
+        model: the wrapped model (its target linears replaced by `LamdaLinear`).
+        config: the `LamdaConfig` (with LaMDA++ ranks resolved into `rank_pattern`).
+    """
+
+    def __init__(
+        self, model: nn.Module, config: LamdaConfig, factors: dict[str, SpectralFactors] | None = None
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self._schedule: FreezeSchedule | None = None
+        self._warned_unscheduled = False
+        targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
+        if factors is None:
+            self._check_ranks(targets)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in targets:
+            base = model.get_submodule(name)
+            r = config.rank_for(name)
+            scaling = config.alpha_for(name) / r
+            weight = torch_layout_weight(base)
+            if factors is not None:
+                f = factors[name]
+            else:
+                f = spectral_factors(
+                    weight,
+                    r,
+                    init=config.init,
+                    dtype=_adapter_dtype(weight),
+                    method=config.svd,
+                    niter=config.svd_niter,
+                    full_max_dim=config.svd_full_max_dim,
+                )
+            f = SpectralFactors(*(t.to(weight.device) for t in f))
+            layer = LamdaLinear(base, f, scaling, dropout=config.dropout, freeze_order=config.freeze_order)
+            _set_submodule(model, name, layer)
+        for name in config.modules_to_save or []:
+            for p in self._module_to_save(name).parameters():
+                p.requires_grad_(True)
+
+    def _check_ranks(self, targets: list[str]) -> None:
+        for name in targets:
+            d_out, d_in = linear_shape(self.model.get_submodule(name))
+            r = self.config.rank_for(name)
+            if r > min(d_out, d_in):
+                raise ValueError(
+                    f"rank {r} for module {name!r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of its {d_out}x{d_in} weight"
+                )
+
+    def _module_to_save(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            hits = [m for n, m in self.model.named_modules() if n.endswith("." + name)]
+            if len(hits) == 1:
+                return hits[0]
+            raise ValueError(f"modules_to_save entry {name!r} matches no single module of the model") from None
+
+    # -- access ------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    def lamda_layers(self) -> Iterator[tuple[str, LamdaLinear]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, LamdaLinear):
+                yield name, module
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and self._schedule is None and not self._warned_unscheduled:
+            if any(layer.dB.requires_grad for _, layer in self.lamda_layers()):
+                self._warned_unscheduled = True
+                warnings.warn(
+                    "LaMDA: training without a freezing schedule: B will never freeze (that is plain "
+                    "LoRA-XS-with-B training, not LaMDA). Call model.attach_optimizer(optimizer, total_steps=T) "
+                    "in a plain loop, or train with lamda_peft.LamdaCallback / `lamda-peft train`.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self.model(*args, **kwargs)
+
+    # -- schedule ----------------------------------------------------------------------------
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, total_steps: int) -> FreezeSchedule:
+        """Make every `optimizer.step()` advance the PMB freezing schedule of a T-step run.
+
+        Re-attaching (a new optimizer, a resumed run) replaces the previous binding; the step
+        count lives in the layers (and in checkpoints), so the schedule resumes where it was.
+        """
+        if self._schedule is not None:
+            self._schedule.detach()
+        self._schedule = FreezeSchedule(
+            [layer for _, layer in self.lamda_layers()], optimizer, total_steps, self.config.freeze_fraction
+        )
+        return self._schedule
+
+    @property
+    def schedule(self) -> FreezeSchedule | None:
+        return self._schedule
+
+    # -- counting ----------------------------------------------------------------------------
+    def trainable_parameter_count(self) -> int:
+        """Trainable parameters right now: sum of r^2 + d_out * unfrozen(B) + modules_to_save."""
+        count = sum(layer.trainable_count() for _, layer in self.lamda_layers())
+        lamda_ids = {id(p) for _, layer in self.lamda_layers() for p in (layer.dS, layer.dB)}
+        count += sum(p.numel() for p in self.model.parameters() if p.requires_grad and id(p) not in lamda_ids)
+        return count
+
+    def print_trainable_parameters(self) -> None:
+        total = sum(p.numel() for p in self.model.parameters()) + sum(
+            layer.A.numel() + layer.B0.numel() for _, layer in self.lamda_layers()
+        )
+        n = self.trainable_parameter_count()
+        print(f"trainable params: {n:,} || all params: {total:,} || trainable%: {100 * n / total:.4f}")
+
+    def lamda_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: S at lr * config.s_lr_scale, B and modules_to_save at lr."""
+        layers = [layer for _, layer in self.lamda_layers()]
+        s_params = [layer.dS for layer in layers]
+        b_params = [layer.dB for layer in layers if layer.dB.requires_grad]
+        lamda_ids = {id(p) for p in s_params} | {id(layer.dB) for layer in layers}
+        other = [p for p in self.model.parameters() if p.requires_grad and id(p) not in lamda_ids]
+        groups = [
+            {"params": s_params, "lr": lr * self.config.s_lr_scale, "weight_decay": weight_decay},
+            {"params": b_params + other, "lr": lr, "weight_decay": weight_decay},
+        ]
+        return [g for g in groups if g["params"]]
+
+    # -- merge / disable ---------------------------------------------------------------------
+    def merge(self) -> None:
+        for _, layer in self.lamda_layers():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for _, layer in self.lamda_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every adapter into its base weight and return the plain wrapped model."""
+        for name, layer in list(self.lamda_layers()):
+            layer.merge()
+            _set_submodule(self.model, name, layer.base_layer)
+        return self.model
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within this block the model computes the original base model's outputs."""
+        layers = [layer for _, layer in self.lamda_layers()]
+        if any(layer.merged for layer in layers):
+            raise RuntimeError("disable_adapter() on a merged model: call unmerge() first")
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    # -- persistence (see checkpoint.py) -------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        from lamda_peft.checkpoint import adapter_state_dict
+
+        return adapter_state_dict(self)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from lamda_peft.checkpoint import save_adapter
+
+        return save_adapter(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, **limits) -> LamdaModel:
+        from lamda_peft.checkpoint import load_adapter
+
+        return load_adapter(model, directory, **limits)
+
+    def export_lora(self, directory: str | Path) -> Path:
+        from lamda_peft.export import export_lora
+
+        return export_lora(self, directory)
+
+
+def get_lamda_model(model: nn.Module, config: LamdaConfig) -> LamdaModel:
+    """Wrap `model` with LaMDA adapters described by `config`.
+
+    Everything is frozen except each adapter's S core, its B (until the schedule freezes it) and
+    the `modules_to_save`. With `config.rank_allocation == "energy"` (LaMDA++) and no
+    `rank_pattern` yet, ranks are allocated from the pretrained spectra first and stored in the
+    config's `rank_pattern`.
+    """
+    if config.rank_allocation == "energy" and not config.rank_pattern:
+        from lamda_peft.rank_allocation import allocate_model_ranks
+
+        config.rank_pattern = allocate_model_ranks(model, config).ranks
+    return LamdaModel(model, config)

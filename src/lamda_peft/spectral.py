@@ -1,0 +1,107 @@
+"""Spectral maths: the top-r SVD of a weight, LaMDA's factors from it, and energy scores.
+
+Everything here is a pure function of tensors; no module is modified. SVDs run in float64 (exact)
+or float32 (randomised) whatever the weight's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class SpectralFactors(NamedTuple):
+    """LaMDA's initial factors of a (d_out x d_in) weight, such that B0 @ S0 @ A = top-r part of W.
+
+    A: (r, d_in) frozen projection (PMA); B0: (d_out, r) initial PMB; S0: (r, r) initial core;
+    sigma: (r,) the top singular values, descending.
+    """
+
+    A: torch.Tensor
+    B0: torch.Tensor
+    S0: torch.Tensor
+    sigma: torch.Tensor
+
+
+def top_r_svd(
+    weight: torch.Tensor, r: int, method: str = "auto", niter: int = 4, full_max_dim: int = 1024, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets of a (d_out x d_in) matrix.
+
+    Args:
+        weight: (d_out, d_in) in any floating dtype.
+        r: number of triplets, 1 <= r <= min(d_out, d_in).
+        method: "full" (float64 `torch.linalg.svd`), "lowrank" (float32 `torch.svd_lowrank`
+            with `niter` power iterations, seeded so that the result is deterministic) or "auto".
+        full_max_dim: "auto" takes the full SVD while min(d_out, d_in) <= this.
+
+    Returns:
+        U (d_out, r), sigma (r,), Vh (r, d_in), in float64 for "full" and float32 for "lowrank",
+        singular values descending.
+    """
+    d_out, d_in = weight.shape
+    if not 1 <= r <= min(d_out, d_in):
+        raise ValueError(f"rank {r} must be in [1, min(d_out, d_in) = {min(d_out, d_in)}] for a {d_out}x{d_in} weight")
+    if method == "auto":
+        # The randomised SVD is accurate when r is small next to the matrix; exact otherwise.
+        method = "full" if min(d_out, d_in) <= full_max_dim or 4 * r >= min(d_out, d_in) else "lowrank"
+    if method == "full":
+        U, sigma, Vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+        return U[:, :r], sigma[:r], Vh[:r]
+    if method != "lowrank":
+        raise ValueError(f"unknown SVD method {method!r}; expected 'auto', 'full' or 'lowrank'")
+    w32 = weight.detach().to(torch.float32)
+    q = min(r + max(8, r // 2), min(d_out, d_in))  # oversampling keeps the top-r error small
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)  # deterministic sketch: the same weight always gives the same A, B0
+        U, sigma, V = torch.svd_lowrank(w32, q=q, niter=niter)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return U[:, :r], sigma[:r], V[:, :r].T
+
+
+def spectral_factors(
+    weight: torch.Tensor, r: int, init: str = "spectral", dtype: torch.dtype = torch.float32, **svd_kwargs
+) -> SpectralFactors:
+    """LaMDA's initial A, B0, S0 from the top-r SVD of `weight` (SPEC.md section 2).
+
+    "spectral": A = diag(sqrt(sigma)) Vh, B0 = U diag(sqrt(sigma)), S0 = I.
+    "orthonormal": A = Vh, B0 = U, S0 = diag(sigma).
+    In both, B0 @ S0 @ A = U diag(sigma) Vh, the best rank-r approximation of W.
+    """
+    U, sigma, Vh = top_r_svd(weight, r, **svd_kwargs)
+    if init == "spectral":
+        root = sigma.sqrt()
+        A = root[:, None] * Vh  # (r, d_in)
+        B0 = U * root[None, :]  # (d_out, r)
+        S0 = torch.eye(r, dtype=sigma.dtype)
+    elif init == "orthonormal":
+        A, B0, S0 = Vh, U, torch.diag(sigma)
+    else:
+        raise ValueError(f"unknown init {init!r}; expected 'spectral' or 'orthonormal'")
+    return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype).contiguous(), S0.to(dtype), sigma.to(dtype))
+
+
+def residual_weight(weight: torch.Tensor, A: torch.Tensor, B0: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W_res = W - scaling * B0 @ A, computed in float32 (float64 for a float64 W), cast to W's dtype.
+
+    Called with the same A and B0 at initialisation and at load time, so a reloaded model's
+    W_res is bitwise the one the adapter was trained against (no SVD at load).
+    """
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    delta = B0.to(compute) @ A.to(compute)  # (d_out, r) @ (r, d_in)
+    return (weight.detach().to(compute) - scaling * delta).to(weight.dtype)
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """All singular values of a (d_out x d_in) weight, float32, descending (no U, V computed)."""
+    return torch.linalg.svdvals(weight.detach().to(torch.float32))
+
+
+def energy_score(sigma: torch.Tensor, r: int) -> float:
+    """Normalised energy of the top-r subspace: sum_{i<=r} sigma_i^2 / sum_i sigma_i^2 (SPEC 4)."""
+    energy = sigma.double() ** 2
+    total = float(energy.sum())
+    return float(energy[:r].sum()) / total if total > 0 else 1.0

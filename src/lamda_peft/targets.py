@@ -1,0 +1,80 @@
+"""Which modules of a model get a LaMDA adapter: name lists, regexes and "all-linear"."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from lamda_peft.layer import is_conv1d
+
+# Heads that "all-linear" leaves alone (PEFT's convention: the output embedding and the usual
+# sequence-classification head names).
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """`nn.Linear` or HF `Conv1D` (the two layer types LaMDA adapts)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if name and is_linear(module)]
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            names.add(name)
+        if name.split(".")[0] in _HEAD_NAMES:
+            names.add(name)
+    return names
+
+
+def matches(name: str, target_modules: list[str] | str) -> bool:
+    """Does module `name` match `target_modules` (a regex string or a list of names/suffixes)?"""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(
+    model: nn.Module, target_modules: list[str] | str | None, exclude: list[str] | None = None
+) -> list[str]:
+    """Names of the Linear/Conv1D modules to adapt, in model order.
+
+    Raises:
+        ValueError: nothing matched (the message lists some of the model's linear layers), or a
+            listed name matched a module that is not a Linear/Conv1D.
+    """
+    target_modules = "all-linear" if target_modules is None else target_modules
+    excluded = set()
+    for name in linear_module_names(model):
+        if exclude and any(name == e or name.startswith(e + ".") or name.endswith("." + e) for e in exclude):
+            excluded.add(name)
+    if target_modules == "all-linear":
+        heads = _output_head_names(model)
+        found = [n for n in linear_module_names(model) if n not in heads and n not in excluded]
+    else:
+        found = []
+        for name, module in model.named_modules():
+            if not name or name in excluded or not matches(name, target_modules):
+                continue
+            if not is_linear(module):
+                if isinstance(target_modules, list):  # a regex may well match containers; a name must not
+                    raise ValueError(
+                        f"target module {name!r} is a {type(module).__name__}; LaMDA adapts nn.Linear and HF Conv1D only"
+                    )
+                continue
+            found.append(name)
+    if not found:
+        available = linear_module_names(model)
+        suffixes = sorted({n.split(".")[-1] for n in available})
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no Linear/Conv1D module. "
+            f"Linear layer names in this model end with: {suffixes[:12]}; for example {available[:4]}"
+        )
+    return found

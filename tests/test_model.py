@@ -1,0 +1,116 @@
+"""Injection into plain and Hugging Face models, counting, merge, bad input."""
+
+import pytest
+import torch
+
+from conftest import TinyMLP, assert_close, tiny_bert, tiny_gpt2, tiny_llama
+from lamda_peft import ConfigError, LamdaConfig, LamdaLinear, get_lamda_model
+
+
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2, tiny_llama])
+def test_outputs_at_init_equal_base(factory):
+    base = factory()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits.clone()
+    model = get_lamda_model(base, LamdaConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert_close(out, ref)
+
+
+def test_all_linear_skips_heads_and_freezes_base():
+    model = get_lamda_model(tiny_bert(), LamdaConfig(r=4, target_modules="all-linear", modules_to_save=["classifier"]))
+    names = [n for n, _ in model.lamda_layers()]
+    assert len(names) == 2 * 6 + 1  # q,k,v,attn out,intermediate,output per layer + the pooler
+    assert not any("classifier" in n for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith((".dS", ".dB")) or ".classifier." in n for n in trainable)
+    assert any(".classifier." in n for n in trainable)
+
+
+def test_forwards_attributes_to_wrapped_model():
+    model = get_lamda_model(tiny_llama(), LamdaConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert model.config.r == 2  # the LaMDA config
+    assert model.model.config.hidden_size == 48
+    assert model.get_input_embeddings().weight.shape[0] == 128  # forwarded to the HF model
+    assert len(list(model.lamda_layers())) == 4
+
+
+def test_merge_and_unload_returns_plain_model():
+    base = tiny_llama()
+    model = get_lamda_model(base, LamdaConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for _, layer in model.lamda_layers():
+            layer.dS.normal_(0, 0.2)
+            layer.dB.normal_(0, 0.05)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.clone()
+        plain = model.merge_and_unload()
+        assert not any(isinstance(m, LamdaLinear) for m in plain.modules())
+        assert_close(plain(input_ids=ids).logits, ref)
+
+
+def test_disable_adapter_gives_base_outputs():
+    base = tiny_gpt2()
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits.clone()
+    model = get_lamda_model(base, LamdaConfig(r=4, target_modules=["c_attn", "c_fc"]))
+    with torch.no_grad():
+        for _, layer in model.lamda_layers():
+            layer.dS.normal_(0, 0.5)
+        assert not torch.allclose(model(input_ids=ids).logits, ref, atol=1e-3)
+        with model.disable_adapter():
+            assert_close(model(input_ids=ids).logits, ref)
+
+
+def test_rank_pattern_overrides():
+    cfg = LamdaConfig(r=4, target_modules=["up", "down"], rank_pattern={"down": 2})
+    model = get_lamda_model(TinyMLP(), cfg)
+    assert {n: layer.r for n, layer in model.lamda_layers()} == {"up": 4, "down": 2}
+
+
+# -- bad input --------------------------------------------------------------------------------
+def test_rank_too_large_names_the_module():
+    with pytest.raises(ValueError, match=r"rank 30 for module 'up'.*min\(d_in, d_out\) = 24"):
+        get_lamda_model(TinyMLP(), LamdaConfig(r=30, target_modules=["up", "down"]))
+
+
+def test_targets_matching_nothing_list_names():
+    with pytest.raises(ValueError, match=r"matched no Linear.*'down'.*'up'"):
+        get_lamda_model(TinyMLP(), LamdaConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_target_that_is_not_linear():
+    with pytest.raises(ValueError, match="is a LlamaDecoderLayer"):
+        get_lamda_model(tiny_llama(), LamdaConfig(r=2, target_modules=["layers.0"]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"r": 0}, "r must be >= 1"),
+        ({"r": 2.5}, "r must be an integer"),
+        ({"freeze_fraction": 1.5}, "freeze_fraction must be in"),
+        ({"freeze_order": "random"}, "freeze_order must be one of"),
+        ({"dropout": -0.1}, "dropout must be in"),
+        ({"target_modules": "(["}, "not a valid regex"),
+        ({"r_min": 8, "r_max": 4}, "r_min .* must be <= r_max"),
+        ({"alpha": float("nan")}, "alpha must be a finite number"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LamdaConfig(**kwargs)
+
+
+def test_config_unknown_key_and_round_trip(tmp_path):
+    cfg = LamdaConfig(r=4, target_modules=["q"], rank_pattern={"a.q": 2}, modules_to_save=["classifier"])
+    cfg.save(tmp_path)
+    assert LamdaConfig.load(tmp_path) == cfg
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rank_patern'\]"):
+        LamdaConfig.from_dict({"r": 4, "rank_patern": {}})
+    with pytest.raises(ConfigError, match="not a LaMDA adapter"):
+        LamdaConfig.from_dict({"r": 4, "peft_type": "LORA"})
