@@ -1,0 +1,1 @@
+"""Framework integrations: Hugging Face Trainer (callback), PEFT, Accelerate."""
