@@ -193,3 +193,42 @@ def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = 
             layer.step.copy_(step.to(device))
         layer.sync_frozen_state()
     return lamda_model
+
+
+def load_adapter_state(lamda_model, directory: str | Path, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
+    """Load a checkpoint's trainable state into an already-wrapped `LamdaModel` (resumption).
+
+    The frozen factors (A, B0, S0) in the checkpoint must equal the model's: the run is resumed on
+    the same base with the same deterministic initialisation. dS, dB, the freeze mask, the step
+    counter and the modules_to_save weights are restored; nothing is modified if a check fails.
+    """
+    directory = Path(directory)
+    config = LamdaConfig.load(directory)
+    tensors = _read_tensors(directory / WEIGHTS_NAME, _config_bytes(config), max_file_bytes)
+    own = adapter_state_dict(lamda_model)
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise AdapterLoadError(
+            f"{directory}: checkpoint does not match this model (missing {missing[:3]}, extra {extra[:3]})"
+        )
+    for key, value in own.items():
+        saved = tensors[key]
+        if saved.shape != value.shape or saved.dtype != value.dtype:
+            raise AdapterLoadError(
+                f"{directory}: tensor {key!r} is {tuple(saved.shape)} {saved.dtype}, expected {tuple(value.shape)} {value.dtype}"
+            )
+        if saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+            raise AdapterLoadError(f"{directory}: tensor {key!r} holds NaN or Inf values")
+        if key.endswith((".lamda_A", ".lamda_B0", ".lamda_S0")) and not torch.equal(saved, value):
+            raise AdapterLoadError(
+                f"{directory}: frozen factor {key!r} differs from this model's: not the same base/init"
+            )
+    state = dict(lamda_model.model.state_dict(keep_vars=True))
+    with torch.no_grad():
+        for key, saved in tensors.items():
+            module_key = key.replace(".lamda_", ".") if ".lamda_" in key else key
+            target = state[module_key]
+            target.copy_(saved.to(target.device))
+    for _, layer in lamda_model.lamda_layers():
+        layer.sync_frozen_state()

@@ -92,6 +92,8 @@ class LamdaLinear(nn.Module):
         # Values the frozen columns are pinned to; rebuilt from dB whenever `frozen` changes.
         self.register_buffer("_dB_pinned", torch.zeros(self.d_out, r, dtype=dtype), persistent=False)
         self.dB.register_hook(self._mask_frozen_grad)
+        # Any load_state_dict (ours, the Trainer's resume) re-pins frozen columns at their loaded values.
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.sync_frozen_state())
         if set_residual:
             with torch.no_grad():
                 w = torch_layout_weight(base_layer)

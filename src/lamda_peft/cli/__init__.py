@@ -57,12 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["train"]  # `lamda-peft` alone runs the bundled default fine-tune
     args = parser.parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load reports would hide our messages
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from lamda_peft.checkpoint import AdapterLoadError
+    from lamda_peft.config import ConfigError
+    from lamda_peft.tasks.data import DataError
+
     try:
         return int(args.func(args) or 0)
-    except CLIError as err:
+    except (CLIError, DataError, ConfigError, AdapterLoadError) as err:
         print(f"lamda-peft {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,162 @@
+"""Quality at equal budget (issue 7, item 3): every method on the same data, steps and LR sweep.
+
+Each configuration is one real `lamda-peft train` run (the same code path as the CLI). The best
+learning rate of each method (by mean held-out accuracy over seeds) is reported with mean and
+spread over the seeds, plus trainable parameters at the end and total parameter updates.
+
+    python benchmarks/quality.py --preset minilm            # full: bundled MiniLM + drug reviews
+    python benchmarks/quality.py --preset minilm --quick    # a smoke run (a test runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lamda_peft.settings import TrainSettings
+from lamda_peft.training import run_training
+
+# (label, TrainSettings overrides, learning rates to sweep)
+VARIANTS = {
+    "lora-r8": ({"method": "lora", "r": 8}, [1e-3, 3e-3]),
+    "pissa-r8": ({"method": "pissa", "r": 8}, [1e-3, 3e-3]),
+    "vera-r256": ({"method": "vera", "r": 256}, [3e-3, 1e-2]),
+    "full": ({"method": "full"}, [5e-5, 1e-4]),
+    "lamda-r16": ({"method": "lamda", "r": 16}, [1e-3, 3e-3]),
+    "lamda-r16-smallest": ({"method": "lamda", "r": 16, "freeze_order": "smallest_first"}, [1e-3, 3e-3]),
+    "lamda-r16-ortho": ({"method": "lamda", "r": 16, "init": "orthonormal"}, [1e-2, 3e-2]),
+    "lamda-r16-ff1": ({"method": "lamda", "r": 16, "freeze_fraction": 1.0}, [3e-3]),
+    "lamda++-r16": ({"method": "lamda++", "r": 16}, [1e-3, 3e-3]),
+    "lamda++-r16-smallest": ({"method": "lamda++", "r": 16, "freeze_order": "smallest_first"}, [1e-3, 3e-3]),
+}
+PRESETS = {
+    "minilm": {"model": "minilm", "task": "classification", "epochs": 5, "batch_size": 16, "max_length": 128},
+}
+
+
+def main(argv=None) -> int:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="minilm", choices=sorted(PRESETS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lrs", default="", help="override every variant's LR sweep (comma-separated)")
+    p.add_argument("--quick", action="store_true", help="4 steps, 32 eval rows, one seed: checks the plumbing only")
+    p.add_argument("--output", default="benchmarks/results/quality_minilm.json")
+    args = p.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",")] if not args.quick else [0]
+    runs = []
+    previous = (
+        json.loads(Path(args.output).read_text()).get("runs", [])
+        if Path(args.output).is_file() and not args.quick
+        else []
+    )
+    done = {(r["variant"], r["lr"], r["seed"]) for r in previous}
+    runs.extend(previous)
+    for name in args.variants.split(","):
+        overrides, lrs = VARIANTS[name]
+        if args.lrs:
+            lrs = [float(x) for x in args.lrs.split(",")]
+        for lr in lrs[:1] if args.quick else lrs:
+            for seed in seeds:
+                if (name, lr, seed) in done:
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    settings = TrainSettings(
+                        **{
+                            **PRESETS[args.preset],
+                            **overrides,
+                            "lr": lr,
+                            "seed": seed,
+                            "output_dir": tmp,
+                            "quiet": True,
+                        }
+                    )
+                    if args.quick:
+                        settings.max_steps, settings.max_eval_rows, settings.max_train_rows = 4, 32, 64
+                    t0 = time.time()
+                    m = run_training(settings)
+                keep = (
+                    "accuracy",
+                    "macro_f1",
+                    "majority_baseline",
+                    "trainable_params_start",
+                    "trainable_params_end",
+                    "parameter_updates",
+                    "train_steps",
+                    "peak_memory_mb",
+                )
+                row = {
+                    "variant": name,
+                    "lr": lr,
+                    "seed": seed,
+                    "wall_s": round(time.time() - t0, 1),
+                    **{k: m[k] for k in keep},
+                }
+                print(json.dumps(row), flush=True)
+                runs.append(row)
+                _write(args, runs)
+    _write(args, runs)
+    return 0
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Best LR per variant by mean accuracy over seeds; mean and population std over seeds."""
+    table = []
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        best = None
+        for lr in sorted({r["lr"] for r in runs if r["variant"] == variant}):
+            rows = [r for r in runs if r["variant"] == variant and r["lr"] == lr]
+            acc = [r["accuracy"] for r in rows]
+            f1 = [r["macro_f1"] for r in rows]
+            entry = {
+                "variant": variant,
+                "lr": lr,
+                "seeds": len(rows),
+                "accuracy_mean": statistics.mean(acc),
+                "accuracy_std": statistics.pstdev(acc),
+                "macro_f1_mean": statistics.mean(f1),
+                "macro_f1_std": statistics.pstdev(f1),
+                "trainable_params_end": rows[0]["trainable_params_end"],
+                "parameter_updates": rows[0]["parameter_updates"],
+            }
+            if best is None or entry["accuracy_mean"] > best["accuracy_mean"]:
+                best = entry
+        table.append(best)
+    return table
+
+
+def _write(args, runs) -> None:
+    import peft
+    import transformers
+
+    out = {
+        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+        "preset": PRESETS[args.preset],
+        "runs": runs,
+        "best_per_variant": summarise(runs),
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

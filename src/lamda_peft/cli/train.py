@@ -1,0 +1,76 @@
+"""`lamda-peft train`: flags generated from `TrainSettings`; a config file may carry the same fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from lamda_peft.settings import TrainSettings, load_settings_file
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a model (default: LaMDA on the bundled MiniLM + drug reviews)",
+        description="Fine-tune with LaMDA, LaMDA++ or PEFT LoRA. Precedence: defaults < --config file < flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--config", help="YAML or JSON file with any of the options below (same names)", default=argparse.SUPPRESS
+    )
+    for f in dataclasses.fields(TrainSettings):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"help": f.metadata["help"], "default": argparse.SUPPRESS, "dest": f.name}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _type_of(f)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        kwargs["help"] += f" (default: {f.default})"
+        p.add_argument(flag, **kwargs)
+    p.set_defaults(func=run)
+
+
+def _type_of(f: dataclasses.Field):
+    t = str(f.type)
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    return str
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    values = {}
+    if getattr(args, "config", None):
+        values.update(load_settings_file(args.config))
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainSettings(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lamda_peft.training import run_training
+
+    settings = settings_from_args(args)
+    metrics = run_training(settings)
+    keys = [
+        "accuracy",
+        "macro_f1",
+        "majority_baseline",
+        "eval_loss_before",
+        "eval_loss",
+        "perplexity_before",
+        "perplexity",
+        "trainable_params_start",
+        "trainable_params_end",
+        "parameter_updates",
+        "peak_memory_mb",
+        "wall_time_s",
+        "output_dir",
+    ]
+    summary = {k: metrics[k] for k in keys if k in metrics}
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,82 @@
+"""Hugging Face `Trainer` integration: the schedule drives itself, checkpoints hold only the adapter.
+
+- `LamdaCallback` attaches the optimizer at `on_train_begin` with `state.max_steps` (optimizer
+  steps, so gradient accumulation is accounted for); from then on every optimizer step advances
+  the PMB freeze. It also records the trainable-parameter count after each step.
+- `LamdaTrainer` is `Trainer` plus that callback, with checkpoints written by
+  `LamdaModel.save_pretrained` (adapter tensors, schedule state) instead of the full state dict,
+  and resumption that loads them back (the Trainer restores optimizer, scheduler, RNG, data order).
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from lamda_peft.checkpoint import load_adapter_state
+from lamda_peft.model import LamdaModel
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / Accelerate / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+class LamdaCallback(TrainerCallback):
+    """Drives LaMDA's freezing schedule from any `Trainer` (no user action beyond adding it).
+
+    Attributes:
+        history: (optimizer step, trainable parameters after it) pairs.
+    """
+
+    def __init__(self) -> None:
+        self.history: list[tuple[int, int]] = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        lamda = unwrap(model)
+        if not hasattr(lamda, "attach_optimizer"):
+            raise TypeError(f"LamdaCallback needs a LaMDA model (with attach_optimizer); got {type(lamda).__name__}")
+        if optimizer is None:
+            raise RuntimeError("LamdaCallback: the Trainer passed no optimizer to on_train_begin")
+        lamda.attach_optimizer(optimizer, total_steps=state.max_steps)
+        self.history.append((state.global_step, lamda.trainable_parameter_count()))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.history.append((state.global_step, unwrap(model).trainable_parameter_count()))
+
+
+class LamdaTrainer(Trainer):
+    """`Trainer` for a `LamdaModel`: adds `LamdaCallback` and saves/loads adapter-only checkpoints."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not any(isinstance(c, LamdaCallback) for c in callbacks):
+            callbacks.append(LamdaCallback())
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    @property
+    def lamda_callback(self) -> LamdaCallback:
+        return next(c for c in self.callback_handler.callbacks if isinstance(c, LamdaCallback))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = unwrap(self.model)
+        if not isinstance(model, LamdaModel):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            model.save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = unwrap(model if model is not None else self.model)
+        if not isinstance(target, LamdaModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter_state(target, resume_from_checkpoint)

@@ -1,0 +1,138 @@
+"""`TrainSettings`: every option of `lamda-peft train`, with the help text the CLI shows.
+
+One dataclass feeds the CLI flags, the YAML/JSON config file (same field names) and the resolved
+config written next to each run. Defaults are the measured ones (see benchmarks/ for evidence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainSettings:
+    # what to train
+    model: str = _f("minilm", "model: a local folder, a hub id, or a bundled name (minilm, smollm2)")
+    task: str = _f("classification", "task family", choices=["classification", "causal-lm"])
+    data: str | None = _f(
+        None,
+        "training data: CSV/TSV/JSONL/JSON/Parquet file, a `datasets` folder or hub name, or a bundled "
+        "name (drug-reviews, humaneval). Default: drug-reviews (classification), humaneval (causal-lm)",
+    )
+    eval_data: str | None = _f(
+        None, "held-out data in the same format (default: the bundled test split, or a seeded split of --data)"
+    )
+    eval_fraction: float = _f(0.2, "fraction of --data held out when there is no separate eval data")
+    text_column: str = _f("text", "text column (classification, or plain-text causal-lm); 'a,b' for sentence pairs")
+    label_column: str = _f("label", "label column (integers or strings)")
+    prompt_column: str = _f(
+        "prompt", "causal-lm: prompt column (no loss on it); missing => plain text from --text-column"
+    )
+    response_column: str = _f("response", "causal-lm: response column (the loss is on these tokens)")
+    pooling: str = _f(
+        "auto",
+        "classification head input: mean pooling, the model's own head, or auto (mean for sentence-transformers)",
+        choices=["auto", "mean", "model"],
+    )
+    # the adapter
+    method: str = _f(
+        "lamda",
+        "adapter: LaMDA, LaMDA++ (spectral rank allocation), or a baseline through real PEFT (LoRA, "
+        "PiSSA-initialised LoRA, VeRA) or full fine-tuning",
+        choices=["lamda", "lamda++", "lora", "pissa", "vera", "full"],
+    )
+    r: int = _f(16, "adapter rank (LaMDA: the r x r core; LaMDA++: the base rank)")
+    alpha: float | None = _f(None, "scaling numerator (scaling = alpha / r); default r")
+    targets: str = _f(
+        "all-linear", "target modules: 'all-linear', a comma-separated list of names/suffixes, or a regex"
+    )
+    freeze_fraction: float = _f(0.3, "LaMDA: B fully frozen after this fraction of the optimizer steps")
+    freeze_order: str = _f(
+        "largest_first", "LaMDA: which components of B freeze first", choices=["largest_first", "smallest_first"]
+    )
+    init: str = _f("spectral", "LaMDA initialisation of A, B, S", choices=["spectral", "orthonormal"])
+    s_lr_scale: float = _f(1.0, "LaMDA: learning-rate multiplier for the core S")
+    dropout: float = _f(0.0, "dropout on the adapter input (0 keeps LaMDA's activation saving)")
+    # optimisation
+    lr: float = _f(3e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (LaMDA: pulls S to its init, not to 0)")
+    warmup_ratio: float = _f(0.0, "fraction of steps of linear warm-up")
+    scheduler: str = _f("linear", "learning-rate schedule (transformers' lr_scheduler_type)")
+    epochs: float = _f(5.0, "training epochs (ignored when --max-steps > 0)")
+    max_steps: int = _f(-1, "total optimizer steps; overrides --epochs when > 0")
+    batch_size: int = _f(16, "per-device batch size")
+    grad_accum: int = _f(1, "gradient accumulation steps (an optimizer step sees batch_size * grad_accum rows)")
+    max_length: int = _f(128, "maximum tokens per example")
+    max_train_rows: int = _f(0, "use only the first N training rows (0 = all)")
+    max_eval_rows: int = _f(0, "use only the first N held-out rows (0 = all)")
+    seed: int = _f(0, "random seed (data order, head init, dropout)")
+    bf16: bool = _f(False, "bf16 autocast (adapter weights stay float32)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, more time)")
+    # output
+    output_dir: str = _f("runs/lamda-default", "where the adapter, metrics.json, logs, plots and checkpoints go")
+    overwrite: bool = _f(False, "replace the results of a previous run in --output-dir")
+    resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest' for the newest one in --output-dir")
+    save_steps: int = _f(0, "checkpoint every N optimizer steps (0 = once per epoch)")
+    quiet: bool = _f(False, "no progress bar")
+
+    def validate(self) -> None:
+        from lamda_peft.cli import CLIError
+
+        checks = [
+            (self.r >= 1, "r must be >= 1"),
+            (0 <= self.freeze_fraction <= 1, "freeze_fraction must be in [0, 1]"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.max_length >= 8, "max_length must be >= 8"),
+            (self.epochs > 0 or self.max_steps > 0, "epochs must be > 0 (or give max_steps)"),
+            (0 < self.eval_fraction < 1, "eval_fraction must be in (0, 1)"),
+            (self.save_steps >= 0, "save_steps must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CLIError(message)
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise CLIError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_settings_file(path: str | Path) -> dict[str, Any]:
+    """Fields from a YAML or JSON config file; unknown keys are an error (a typo must not be ignored)."""
+    from lamda_peft.cli import CLIError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:
+        raise CLIError(f"config file {path} cannot be parsed ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {path} must hold a mapping of option: value")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CLIError(f"config file {path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return data

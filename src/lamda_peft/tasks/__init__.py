@@ -1,0 +1,1 @@
+"""Task families: data loading and validation, model heads, metrics."""

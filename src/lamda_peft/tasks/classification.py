@@ -1,0 +1,95 @@
+"""Sequence classification: a head that suits the encoder, tokenization, metrics.
+
+Sentence-transformers encoders (like the bundled all-MiniLM-L6-v2) were trained with mean pooling
+over tokens; their CLS token and BERT pooler are untrained for the task, and a classifier on
+them learns far more slowly (ASSETS.md: LoRA at three rates stays at the majority class). So
+`pooling="auto"` uses mean pooling for sentence-transformers folders and the model's own head
+otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from torch import nn
+from transformers import AutoModel, AutoModelForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class MeanPoolClassifier(nn.Module):
+    """Encoder + mean pooling over non-padding tokens + a linear `classifier`.
+
+    Args:
+        encoder: a Hugging Face encoder returning `last_hidden_state` (batch, seq, hidden).
+        num_labels: number of classes.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_labels = num_labels
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.config = encoder.config
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state  # (b, s, h)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, s, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (b, h)
+        logits = self.classifier(pooled)  # (b, num_labels)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.encoder.gradient_checkpointing_enable(**kwargs)
+
+
+def is_sentence_transformer(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / "modules.json").is_file() and (folder / "1_Pooling").is_dir()
+
+
+def build_classifier(
+    model_path: str | Path, num_labels: int, pooling: str = "auto", dtype=torch.float32
+) -> tuple[nn.Module, str]:
+    """(model, head name to train and save) for `num_labels` classes.
+
+    pooling: "mean" (MeanPoolClassifier), "model" (AutoModelForSequenceClassification's own head)
+    or "auto" (mean for sentence-transformers folders).
+    """
+    if pooling == "auto":
+        pooling = "mean" if is_sentence_transformer(model_path) else "model"
+    if pooling == "mean":
+        try:
+            encoder = AutoModel.from_pretrained(model_path, dtype=dtype, add_pooling_layer=False)
+        except TypeError:
+            encoder = AutoModel.from_pretrained(model_path, dtype=dtype)
+        torch.manual_seed(0)  # a deterministic head init, whatever ran before
+        return MeanPoolClassifier(encoder, num_labels), "classifier"
+    if pooling != "model":
+        raise ValueError(f"pooling must be 'auto', 'mean' or 'model', got {pooling!r}")
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, dtype=dtype)
+    head = next((n for n in ("classifier", "score") if hasattr(model, n)), None)
+    if head is None:
+        raise ValueError(
+            f"cannot find the classification head of {type(model).__name__} (looked for classifier, score)"
+        )
+    return model, head
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """accuracy, macro-F1 and Matthews correlation (scikit-learn)."""
+    pred = logits.argmax(-1)
+    return {
+        "accuracy": float(accuracy_score(labels, pred)),
+        "macro_f1": float(f1_score(labels, pred, average="macro")),
+        "matthews": float(matthews_corrcoef(labels, pred)),
+    }
+
+
+def majority_baseline(labels: np.ndarray) -> float:
+    """Accuracy of always predicting the most frequent held-out class."""
+    return float(np.bincount(labels).max() / len(labels))

@@ -1,0 +1,370 @@
+"""`run_training(settings)`: what `lamda-peft train` does, callable from Python.
+
+Steps: resolve the model and data -> build the task model -> wrap it (LaMDA, LaMDA++ or PEFT
+LoRA) -> train with the Hugging Face Trainer (`LamdaTrainer` drives the freeze) -> evaluate ->
+write adapter, metrics.json, resolved config, log and plots. `metrics.json` is written last, so a
+folder without it is never a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from lamda_peft import assets
+from lamda_peft.checkpoint import atomic_write_bytes, load_adapter_state
+from lamda_peft.cli import CLIError
+from lamda_peft.config import LamdaConfig
+from lamda_peft.integrations.hf_trainer import LamdaCallback, LamdaTrainer
+from lamda_peft.model import get_lamda_model
+from lamda_peft.settings import TrainSettings
+from lamda_peft.targets import find_targets
+from lamda_peft.tasks import causal_lm, classification, data
+
+RUN_ARTIFACTS = (
+    "adapter",
+    "checkpoints",
+    "metrics.json",
+    "train_log.jsonl",
+    "resolved_config.json",
+    "loss.png",
+    "trainable_params.png",
+)
+PEFT_METHODS = ("lora", "pissa", "vera")  # baselines through the real peft
+BUNDLED_MODELS = {"minilm": assets.minilm_path, "smollm2": assets.smollm2_path}
+
+
+def resolve_model_path(name: str) -> str:
+    """A bundled name, an existing local folder, or a hub id (which fails clearly when offline)."""
+    if name in BUNDLED_MODELS:
+        return str(BUNDLED_MODELS[name]())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CLIError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CLIError(f"model path {name!r} does not exist")
+    return name  # a hub id
+
+
+def _from_pretrained(loader, path: str, *args, **kwargs):
+    try:
+        return loader(path, *args, **kwargs)
+    except OSError as err:
+        if Path(path).exists():
+            raise
+        raise CLIError(
+            f"cannot load model {path!r}: not a local folder, and the Hugging Face hub did not provide it "
+            f"(offline? {str(err).splitlines()[0][:160]}). Pass a local model folder or a bundled name (minilm, smollm2)."
+        ) from None
+
+
+def prepare_output_dir(s: TrainSettings) -> Path:
+    out = Path(s.output_dir)
+    existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    if s.resume:
+        return out
+    if existing and not s.overwrite:
+        raise CLIError(
+            f"output directory {out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it or --resume to continue it"
+        )
+    for name in existing:  # only our own artifacts are removed, never anything else in the folder
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class ProgressBar(TrainerCallback):
+    """One tqdm bar: loss and the trainable-parameter count (it drops as B freezes)."""
+
+    def __init__(self, lamda_callback: LamdaCallback | None, count_fn) -> None:
+        self.bar = None
+        self.count_fn = count_fn
+        self.lamda = lamda_callback
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", trainable=f"{self.count_fn():,}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _load_data(s: TrainSettings):
+    default = "drug-reviews" if s.task == "classification" else "humaneval"
+    source = s.data or default
+    if source in data.BUNDLED:
+        train_df, eval_df = data.bundled(source)
+    else:
+        train_df, eval_df = data.load_table(source), None
+    if s.eval_data:
+        eval_df = data.bundled(s.eval_data)[0] if s.eval_data in data.BUNDLED else data.load_table(s.eval_data)
+    if eval_df is None:
+        train_df, eval_df = data.split_heldout(train_df, s.eval_fraction, s.seed)
+    if s.max_train_rows:
+        train_df = train_df.iloc[: s.max_train_rows]
+    if s.max_eval_rows:
+        eval_df = eval_df.iloc[: s.max_eval_rows]
+    return source, train_df.reset_index(drop=True), eval_df.reset_index(drop=True)
+
+
+def _text_columns(s: TrainSettings) -> list[str]:
+    cols = [c.strip() for c in s.text_column.split(",") if c.strip()]
+    if not 1 <= len(cols) <= 2:
+        raise CLIError(f"--text-column takes one column or two separated by a comma, got {s.text_column!r}")
+    return cols
+
+
+def _classification_rows(tokenizer, df, s, label_index, source):
+    cols = _text_columns(s)
+    data.require_columns(df, cols + [s.label_column], source)
+    texts = [df[c].astype(str).tolist() for c in cols]
+    enc = tokenizer(*texts, truncation=True, max_length=s.max_length)
+    labels = [label_index[v if isinstance(v, str) else int(v)] for v in df[s.label_column].tolist()]
+    return [{**{k: enc[k][i] for k in enc}, "labels": labels[i]} for i in range(len(df))]
+
+
+def _causal_rows(tokenizer, df, s, source):
+    if s.prompt_column in df.columns and s.response_column in df.columns:
+        return causal_lm.tokenize_sft(
+            tokenizer,
+            df[s.prompt_column].astype(str).tolist(),
+            df[s.response_column].astype(str).tolist(),
+            s.max_length,
+        )
+    data.require_columns(df, [s.text_column], source)
+    return causal_lm.tokenize_sft(tokenizer, None, df[s.text_column].astype(str).tolist(), s.max_length)
+
+
+def _wrap(model, s: TrainSettings, head: str | None, model_path: str):
+    """Apply the adapter method; returns the wrapped model."""
+    modules_to_save = [head] if head else None
+    targets: list[str] | str = (
+        s.targets
+        if s.targets == "all-linear"
+        else ([t.strip() for t in s.targets.split(",")] if "," in s.targets or s.targets.isidentifier() else s.targets)
+    )
+    if s.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if s.method in PEFT_METHODS:
+        from peft import LoraConfig, VeraConfig, get_peft_model
+
+        names = find_targets(model, targets, exclude=modules_to_save)
+        if s.method == "vera":
+            cfg = VeraConfig(r=s.r, target_modules=names, vera_dropout=s.dropout, modules_to_save=modules_to_save)
+        else:
+            init = "pissa_niter_4" if s.method == "pissa" else True
+            cfg = LoraConfig(
+                r=s.r,
+                lora_alpha=s.alpha or s.r,
+                target_modules=names,
+                lora_dropout=s.dropout,
+                modules_to_save=modules_to_save,
+                init_lora_weights=init,
+            )
+        return get_peft_model(model, cfg)
+    cfg = LamdaConfig(
+        r=s.r,
+        alpha=s.alpha,
+        target_modules=targets,
+        dropout=s.dropout,
+        freeze_fraction=s.freeze_fraction,
+        freeze_order=s.freeze_order,
+        init=s.init,
+        s_lr_scale=s.s_lr_scale,
+        modules_to_save=modules_to_save,
+        rank_allocation="energy" if s.method == "lamda++" else "none",
+        base_model_name_or_path=model_path,
+    )
+    return get_lamda_model(model, cfg)
+
+
+def count_trainable(model) -> int:
+    if hasattr(model, "trainable_parameter_count"):
+        return model.trainable_parameter_count()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return ckpts[-1] if ckpts else None
+
+
+def run_training(s: TrainSettings) -> dict:
+    """Train, evaluate and write everything to `s.output_dir`; returns the metrics."""
+    s.validate()
+    start = time.time()
+    out = prepare_output_dir(s)
+    resume = None
+    if s.resume:
+        resume = latest_checkpoint(out) if s.resume == "latest" else Path(s.resume)
+        if resume is None or not resume.is_dir():
+            raise CLIError(f"no checkpoint to resume from ({s.resume!r} in {out / 'checkpoints'})")
+    model_path = resolve_model_path(s.model)
+    source, train_df, eval_df = _load_data(s)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_path)
+    torch.manual_seed(s.seed)
+    metrics: dict = {"task": s.task, "method": s.method, "model": s.model, "data": source}
+    if s.task == "classification":
+        data.require_columns(train_df, _text_columns(s) + [s.label_column], source)
+        data.require_columns(eval_df, _text_columns(s) + [s.label_column], s.eval_data or source)
+        label_names = data.class_labels(train_df[s.label_column], source, s.label_column)
+        unseen = sorted(
+            set(data.class_labels(eval_df[s.label_column], s.eval_data or source, s.label_column)) - set(label_names)
+        )
+        if unseen:
+            raise CLIError(f"held-out labels {unseen} never occur in the training data")
+        label_index = {v: i for i, v in enumerate(label_names)}
+        train_rows = _classification_rows(tokenizer, train_df, s, label_index, source)
+        eval_rows = _classification_rows(tokenizer, eval_df, s, label_index, s.eval_data or source)
+        base, head = _from_pretrained(classification.build_classifier, model_path, len(label_names), s.pooling)
+        collator = DataCollatorWithPadding(tokenizer)
+        metrics["labels"] = [str(v) for v in label_names]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        train_rows = _causal_rows(tokenizer, train_df, s, source)
+        eval_rows = _causal_rows(tokenizer, eval_df, s, s.eval_data or source)
+        base, head = _from_pretrained(AutoModelForCausalLM.from_pretrained, model_path, dtype=torch.float32), None
+        collator = causal_lm.SFTCollator(tokenizer.pad_token_id)
+    if not train_rows or not eval_rows:
+        raise CLIError(f"no usable rows after tokenization (train {len(train_rows)}, held-out {len(eval_rows)})")
+    model = _wrap(base, s, head, model_path)
+    is_lamda = s.method in ("lamda", "lamda++")
+    if resume is not None and is_lamda:
+        load_adapter_state(model, resume)  # before the optimizer exists: a frozen B must not enter it
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=max(s.batch_size, 16),
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr,
+        weight_decay=s.weight_decay,
+        warmup_steps=float(s.warmup_ratio),
+        lr_scheduler_type=s.scheduler,
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps,
+        seed=s.seed,
+        data_seed=s.seed,
+        bf16=s.bf16,
+        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+        logging_steps=1,
+        save_strategy="steps" if s.save_steps else "epoch",
+        save_steps=s.save_steps or 500,
+        save_total_limit=3,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    optimizers = (None, None)
+    if is_lamda:
+        optimizers = (torch.optim.AdamW(model.lamda_param_groups(s.lr, s.weight_decay)), None)
+    trainer_cls = LamdaTrainer if is_lamda else Trainer
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        data_collator=collator,
+        optimizers=optimizers,
+    )
+    lamda_cb = trainer.lamda_callback if isinstance(trainer, LamdaTrainer) else None
+    trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dict per step
+    if not s.quiet:
+        trainer.add_callback(ProgressBar(lamda_cb, lambda: count_trainable(model)))
+    if s.task == "causal-lm":
+        before = trainer.evaluate()["eval_loss"]
+        metrics.update(eval_loss_before=before, perplexity_before=causal_lm.perplexity(before))
+    trainable_start = count_trainable(model)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # Evaluation
+    if s.task == "classification":
+        pred = trainer.predict(eval_rows)
+        labels = np.asarray([r["labels"] for r in eval_rows])
+        metrics.update(classification.classification_metrics(pred.predictions, labels))
+        metrics["majority_baseline"] = classification.majority_baseline(labels)
+        metrics["eval_loss"] = float(pred.metrics.get("test_loss", float("nan")))
+    else:
+        after = trainer.evaluate()["eval_loss"]
+        metrics.update(eval_loss=after, perplexity=causal_lm.perplexity(after))
+    history = lamda_cb.history if lamda_cb else [(0, trainable_start)]
+    metrics.update(
+        trainable_params_start=trainable_start,
+        trainable_params_end=count_trainable(model),
+        parameter_updates=int(sum(c for _, c in history[1:]))
+        if lamda_cb
+        else trainable_start * trainer.state.global_step,
+        total_params=sum(p.numel() for p in model.parameters()),
+        train_steps=trainer.state.global_step,
+        train_rows=len(train_rows),
+        eval_rows=len(eval_rows),
+        peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        wall_time_s=time.time() - start,
+        torch_threads=torch.get_num_threads(),
+    )
+    _write_outputs(out, s, model, trainer, history, metrics)
+    return metrics
+
+
+def _write_outputs(out: Path, s: TrainSettings, model, trainer, history, metrics) -> None:
+    adapter_dir = out / "adapter"
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(adapter_dir)
+    atomic_write_bytes(out / "resolved_config.json", (json.dumps(s.to_dict(), indent=2) + "\n").encode())
+    log = [json.dumps(row) for row in trainer.state.log_history]
+    atomic_write_bytes(out / "train_log.jsonl", ("\n".join(log) + "\n").encode())
+    _plots(out, trainer.state.log_history, history)
+    metrics["output_dir"] = str(out)
+    atomic_write_bytes(
+        out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode()
+    )  # last: marks the run finished
+
+
+def _plots(out: Path, log_history: list[dict], history: list[tuple[int, int]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in log_history if "loss" in row]
+    losses = [row["loss"] for row in log_history if "loss" in row]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="Loss")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.step([h[0] for h in history], [h[1] for h in history], where="post")
+    ax.set(xlabel="optimizer step", ylabel="trainable parameters", title="Trainable parameters (B freezes)")
+    fig.tight_layout()
+    fig.savefig(out / "trainable_params.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,140 @@
+"""`lamda-peft train` end to end on the bundled MiniLM and drug reviews, resume, and bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lamda_peft.cli import main
+
+FAST = ["--max-length", "64", "--batch-size", "8", "--quiet"]
+
+
+def run_cli(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_help_documents_every_setting(capsys):
+    import dataclasses
+
+    from lamda_peft.settings import TrainSettings
+
+    with pytest.raises(SystemExit):
+        run_cli("train", "--help")
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainSettings):
+        assert "--" + f.name.replace("_", "-") in text
+
+
+@pytest.mark.slow
+def test_default_run_beats_majority(tmp_path):
+    """The default command, shortened to 2 epochs: held-out accuracy clears the majority class."""
+    out = tmp_path / "run"
+    assert run_cli("train", "--output-dir", out, "--epochs", "2", "--quiet") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "resolved_config.json",
+        "train_log.jsonl",
+        "loss.png",
+        "trainable_params.png",
+    ):
+        assert (out / name).is_file(), name
+    assert metrics["accuracy"] >= metrics["majority_baseline"] + 0.02, metrics
+    assert metrics["trainable_params_end"] < metrics["trainable_params_start"]
+
+
+def test_resume_mid_freeze_is_bitwise(tmp_path):
+    """Interrupt after 4 of 10 steps (B partly frozen: t_i = 5), resume: the final adapter is
+    bitwise the uninterrupted run's (schedule, optimizer, RNG and data order restored)."""
+    common = [
+        *FAST,
+        "--max-train-rows",
+        "48",
+        "--max-eval-rows",
+        "16",
+        "--max-steps",
+        "10",
+        "--save-steps",
+        "4",
+        "--freeze-fraction",
+        "0.5",
+        "--r",
+        "4",
+        "--weight-decay",
+        "0.1",
+    ]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run_cli("train", "--output-dir", full, *common) == 0
+    # The interrupted run: only its first checkpoint survived.
+    import shutil
+
+    shutil.copytree(full / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
+    ckpt = load_file(resumed / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    frozen = next(v for k, v in ckpt.items() if k.endswith("lamda_frozen"))
+    assert 0 < int(frozen.sum()) < 4  # the checkpoint was taken mid-freeze
+    assert run_cli("train", "--output-dir", resumed, *common, "--resume", "latest") == 0
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_refuses_existing_run_and_overwrites_on_request(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    assert run_cli("train", "--output-dir", out, "--max-steps", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (
+        run_cli(
+            "train",
+            "--output-dir",
+            out,
+            "--overwrite",
+            "--max-steps",
+            "1",
+            "--max-train-rows",
+            "48",
+            "--max-eval-rows",
+            "8",
+            *FAST,
+        )
+        == 0
+    )
+    assert (out / "notes.txt").read_text() == "mine"  # only our artifacts are replaced
+
+
+@pytest.mark.parametrize(
+    "rows,flags,message",
+    [
+        ("text,rating\nnice,1\nbad,0\n", [], "column(s) ['label'] not found; available columns: ['text', 'rating']"),
+        ("text,label\n", [], "the data is empty"),
+        ("text,label\na,0.5\nb,1\n", [], "row 0 holds 0.5"),
+        ("text,label\na,1\nb,0\n", ["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
+    ],
+)
+def test_bad_data_and_model(tmp_path, capsys, rows, flags, message):
+    data = tmp_path / "d.csv"
+    data.write_text(rows)
+    code = run_cli("train", "--data", data, "--output-dir", tmp_path / "out", *flags)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_config_file_unknown_key_and_precedence(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("r: 4\nlearning_rate: 0.1\n")
+    assert run_cli("train", "--config", cfg) == 2
+    assert "unknown key(s) ['learning_rate']" in capsys.readouterr().err
+    from lamda_peft.cli import build_parser
+    from lamda_peft.cli.train import settings_from_args
+
+    cfg.write_text("r: 4\nlr: 0.1\n")
+    s = settings_from_args(build_parser().parse_args(["train", "--config", str(cfg), "--lr", "0.5"]))
+    assert (s.r, s.lr) == (4, 0.5)  # file over defaults, flags over file
