@@ -3,6 +3,11 @@
 The config is what `adapter_config.json` holds. Loading an adapter never recomputes anything that
 the config can state (ranks chosen by LaMDA++ are written into `rank_pattern`).
 Choices marked "[ours]" in `SPEC.md` are fields here, with the default documented on the field.
+
+`LamdaConfig` is a `peft.PeftConfig` so that the very same object drives `get_lamda_model` and
+`peft.get_peft_model` (see `integrations/peft_registration.py`). PEFT's own bookkeeping fields
+(`task_type`, `revision`, `inference_mode`, ...) are inherited; `to_dict` leaves them out while they
+hold their defaults, so a LaMDA config file does not depend on the installed peft version.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "LAMDA"
 
@@ -22,6 +30,10 @@ _INITS = ("spectral", "orthonormal")
 _SVD_METHODS = ("auto", "full", "lowrank")
 _RANK_ALLOCATIONS = ("none", "energy")
 _RANK_BUDGETS = ("params", "rank")
+# PeftConfig's fields, written only when they differ from these defaults (peft_version: never, as it
+# names the installed peft, not the adapter; a file must read the same whichever peft wrote it).
+_PEFT_FIELD_DEFAULTS = {"task_type": None, "auto_mapping": None, "revision": None, "inference_mode": False}
+_PEFT_VERSION_FIELD = "peft_version"
 
 
 class ConfigError(ValueError):
@@ -29,8 +41,8 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class LamdaConfig:
-    """Configuration of a LaMDA adapter.
+class LamdaConfig(PeftConfig):
+    """Configuration of a LaMDA adapter (a `peft.PeftConfig`; build it with keyword arguments).
 
     Attributes:
         r: base rank of every adapted matrix (the size of the trainable r x r core S).
@@ -64,6 +76,7 @@ class LamdaConfig:
         rank_budget: LaMDA++ budget kept equal to the uniform one: "params" (sum r_l^2 = L r^2)
             [ours: default] or "rank" (sum r_l = L r).
         base_model_name_or_path: where the base model came from (informational).
+        task_type: PEFT's task type ("SEQ_CLS", "CAUSAL_LM", ...), used only by `peft.get_peft_model`.
     """
 
     r: int = 8
@@ -88,6 +101,9 @@ class LamdaConfig:
     peft_type: str = PEFT_TYPE
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # PEFT's checks (task_type) and its peft_version stamp
+        # PEFT and transformers expect the enum member (`peft_type.value`) once LaMDA is registered.
+        self.peft_type = getattr(PeftType, PEFT_TYPE, self.peft_type) if self.peft_type == PEFT_TYPE else self.peft_type
         self.validate()
 
     # -- validation ---------------------------------------------------------------------------
@@ -169,7 +185,16 @@ class LamdaConfig:
 
     # -- JSON round trip ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON-ready fields: enums as plain strings, PEFT's bookkeeping fields only when set."""
+        data = dataclasses.asdict(self)
+        data.pop(_PEFT_VERSION_FIELD, None)
+        for key, default in _PEFT_FIELD_DEFAULTS.items():
+            if key in data and data[key] == default:
+                del data[key]
+        for key in ("peft_type", "task_type"):
+            if data.get(key) is not None:
+                data[key] = str(getattr(data[key], "value", data[key]))
+        return data
 
     def save(self, directory: str | Path) -> Path:
         """Write `adapter_config.json` into `directory` atomically; returns its path."""
@@ -185,16 +210,15 @@ class LamdaConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        # Keys PEFT writes into every adapter_config.json; harmless, so accepted and dropped.
-        peft_keys = {"task_type", "revision", "inference_mode", "auto_mapping", "peft_version"}
-        unknown = sorted(set(data) - known - peft_keys)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        # Checked first: another method's config (LoRA's) is a wrong folder, not a set of typos.
         if data.get("peft_type", PEFT_TYPE) != PEFT_TYPE:
             raise ConfigError(
                 f"{source}: peft_type is {data.get('peft_type')!r}, not {PEFT_TYPE!r}: this is not a "
                 "LaMDA adapter (a LoRA folder loads with peft.PeftModel.from_pretrained)"
             )
+        unknown = sorted(set(data) - known)  # known includes PeftConfig's fields (task_type, peft_version, ...)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
         except ConfigError as err:

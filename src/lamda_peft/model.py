@@ -127,11 +127,9 @@ class LamdaModel(nn.Module):
         Re-attaching (a new optimizer, a resumed run) replaces the previous binding; the step
         count lives in the layers (and in checkpoints), so the schedule resumes where it was.
         """
-        if self._schedule is not None:
-            self._schedule.detach()
-        self._schedule = FreezeSchedule(
-            [layer for _, layer in self.lamda_layers()], optimizer, total_steps, self.config.freeze_fraction
-        )
+        from lamda_peft.integrations.peft_training import attach_optimizer  # shared with PEFT models
+
+        self._schedule = attach_optimizer(self.model, optimizer, total_steps, self.config.freeze_fraction)
         return self._schedule
 
     @property
