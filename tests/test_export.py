@@ -1,5 +1,6 @@
 """Export to a plain PEFT LoRA adapter, loaded by the real `peft` on the original base."""
 
+import pytest
 import torch
 from peft import PeftModel
 
@@ -35,8 +36,9 @@ def test_export_matches_lamda_model_in_peft(tmp_path):
         assert_close(peft_model(input_ids=ids).logits, expected)
 
 
-def test_export_conv1d_gpt2(tmp_path):
-    model = get_lamda_model(tiny_gpt2(), LamdaConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+@pytest.mark.parametrize("init", ["spectral", "orthonormal"])
+def test_export_conv1d_gpt2(tmp_path, init):
+    model = get_lamda_model(tiny_gpt2(), LamdaConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], init=init))
     perturb(model)
     model.export_lora(tmp_path)
     ids = torch.randint(0, 100, (2, 7))

@@ -7,13 +7,14 @@ from conftest import TinyMLP, assert_close, tiny_bert, tiny_gpt2, tiny_llama
 from lamda_peft import ConfigError, LamdaConfig, LamdaLinear, get_lamda_model
 
 
+@pytest.mark.parametrize("init", ["spectral", "orthonormal"])
 @pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2, tiny_llama])
-def test_outputs_at_init_equal_base(factory):
+def test_outputs_at_init_equal_base(factory, init):
     base = factory()
     ids = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
         ref = base(input_ids=ids).logits.clone()
-    model = get_lamda_model(base, LamdaConfig(r=4, target_modules="all-linear"))
+    model = get_lamda_model(base, LamdaConfig(r=4, target_modules="all-linear", init=init))
     with torch.no_grad():
         out = model(input_ids=ids).logits
     assert_close(out, ref)

@@ -54,12 +54,13 @@ def test_lowrank_svd_is_deterministic():
         assert torch.equal(x, y)
 
 
-def test_residual_plus_top_part_is_weight():
+@pytest.mark.parametrize("init", ["spectral", "orthonormal"])
+def test_residual_plus_top_part_is_weight(init):
     torch.manual_seed(1)
     W = torch.randn(20, 10, dtype=torch.float64)
-    f = spectral_factors(W, 4, dtype=torch.float64)
-    W_res = residual_weight(W, f.A, f.B0, 0.5)
-    torch.testing.assert_close(W_res + 0.5 * f.B0 @ f.A, W)
+    f = spectral_factors(W, 4, init=init, dtype=torch.float64)
+    W_res = residual_weight(W, f.A, f.B0, f.S0, 0.5)
+    torch.testing.assert_close(W_res + 0.5 * f.B0 @ f.S0 @ f.A, W)
 
 
 def test_energy_score():

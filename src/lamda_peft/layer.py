@@ -97,7 +97,7 @@ class LamdaLinear(nn.Module):
         if set_residual:
             with torch.no_grad():
                 w = torch_layout_weight(base_layer)
-                w_res = residual_weight(w, self.A, self.B0, self.scaling)
+                w_res = residual_weight(w, self.A, self.B0, self.S0, self.scaling)
                 self._write_base(w_res)
 
     # -- the maths, once ---------------------------------------------------------------------

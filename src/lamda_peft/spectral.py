@@ -84,14 +84,16 @@ def spectral_factors(
     return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype).contiguous(), S0.to(dtype), sigma.to(dtype))
 
 
-def residual_weight(weight: torch.Tensor, A: torch.Tensor, B0: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W_res = W - scaling * B0 @ A, computed in float32 (float64 for a float64 W), cast to W's dtype.
+def residual_weight(
+    weight: torch.Tensor, A: torch.Tensor, B0: torch.Tensor, S0: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """W_res = W - scaling * B0 @ S0 @ A, in float32 (float64 for a float64 W), cast to W's dtype.
 
-    Called with the same A and B0 at initialisation and at load time, so a reloaded model's
+    Called with the same A, B0, S0 at initialisation and at load time, so a reloaded model's
     W_res is bitwise the one the adapter was trained against (no SVD at load).
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    delta = B0.to(compute) @ A.to(compute)  # (d_out, r) @ (r, d_in)
+    delta = B0.to(compute) @ (S0.to(compute) @ A.to(compute))  # (d_out, r) @ ((r, r) @ (r, d_in))
     return (weight.detach().to(compute) - scaling * delta).to(weight.dtype)
 
 
