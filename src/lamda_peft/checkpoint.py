@@ -7,14 +7,20 @@ Its metadata carries the SHA-256 of the config it was written with, so a folder 
 come from different saves (a crash between the two renames) is refused.
 
 Loading reads only JSON and safetensors and checks every tensor (name, shape, dtype, finite)
-against the base model before the model is modified. W_res is rebuilt from the saved A and B0,
+against the base model before the model is modified. The safetensors header is parsed here first
+(`parse_safetensors_header`): its length, dtypes, shapes and byte ranges must fit the file, so no
+tensor is read, and nothing is allocated beyond the file's size (itself under `max_file_bytes`),
+until the file has been shown to be well formed. Either file may be a symlink only if it resolves
+inside the adapter folder. W_res is rebuilt from the saved A and B0,
 never from a new SVD, so a reloaded model is bitwise the saved one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lamda_peft.config import CONFIG_NAME, LamdaConfig
+from lamda_peft.config import CONFIG_NAME, ConfigError, LamdaConfig
 from lamda_peft.layer import linear_shape, torch_layout_weight
 from lamda_peft.spectral import SpectralFactors
 
@@ -32,6 +38,13 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "lamda-peft/1"
 _ADAPTER_KEYS = ("lamda_A", "lamda_B0", "lamda_S0", "lamda_dS", "lamda_dB", "lamda_frozen", "lamda_step")
 DEFAULT_MAX_FILE_BYTES = 8 * 2**30  # a user can raise it: load_adapter(..., max_file_bytes=...)
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on the JSON header
+MAX_CONFIG_BYTES = 16 * 2**20  # adapter_config.json: a rank_pattern for thousands of modules fits
+# safetensors dtype names and their sizes in bytes (the format's full list).
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
 
 
 class AdapterLoadError(ValueError):
@@ -50,7 +63,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with __import__("contextlib").suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
@@ -86,20 +99,102 @@ def save_adapter(lamda_model, directory: str | Path) -> Path:
     return directory
 
 
+def parse_safetensors_header(data: bytes, file_size: int | None = None) -> tuple[dict, dict[str, str]]:
+    """Parse and check the header of a safetensors file without reading any tensor.
+
+    Layout: 8 bytes little-endian header length n, n bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the tensor bytes.
+
+    Args:
+        data: the file's first bytes (at least 8 + n of them).
+        file_size: the whole file's size (default: len(data)); every byte range must fit in it.
+
+    Returns:
+        ({name: (dtype name, shape tuple)}, metadata).
+
+    Raises:
+        AdapterLoadError: naming the first thing that is wrong.
+    """
+    file_size = len(data) if file_size is None else file_size
+    if len(data) < 8:
+        raise AdapterLoadError(f"file is {len(data)} bytes, shorter than the 8-byte safetensors header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise AdapterLoadError(f"safetensors header length {n} is over the limit of {MAX_HEADER_BYTES} bytes")
+    if 8 + n > file_size or len(data) < 8 + n:
+        raise AdapterLoadError(f"safetensors header length {n} runs past the end of the {file_size}-byte file")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise AdapterLoadError(f"safetensors header is not valid JSON ({type(err).__name__})") from None
+    if not isinstance(header, dict):
+        raise AdapterLoadError(f"safetensors header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterLoadError("safetensors __metadata__ must map strings to strings")
+    data_bytes = file_size - 8 - n
+    specs = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise AdapterLoadError(f"tensor {name!r}: header entry must hold exactly dtype, shape, data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise AdapterLoadError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise AdapterLoadError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+            raise AdapterLoadError(f"tensor {name!r}: data_offsets must be two non-negative integers")
+        begin, end = offsets
+        if not begin <= end <= data_bytes:
+            raise AdapterLoadError(
+                f"tensor {name!r}: bytes [{begin}, {end}) lie outside the file's {data_bytes} data bytes"
+            )
+        if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise AdapterLoadError(
+                f"tensor {name!r}: shape {shape} of {dtype} needs {math.prod(shape) * _DTYPE_BYTES[dtype]} bytes, "
+                f"the header gives it {end - begin}"
+            )
+        specs[name] = (dtype, tuple(shape))
+    return specs, metadata
+
+
+def _is_uint(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _inside_folder(path: Path) -> None:
+    """Refuse a symlink (or a link chain) that leads out of the adapter folder."""
+    if path.is_symlink() and not path.resolve().is_relative_to(path.parent.resolve()):
+        raise AdapterLoadError(f"{path} is a symlink to {path.resolve()}, outside its folder; refusing to follow it")
+
+
+def _load_config(directory: Path) -> LamdaConfig:
+    """`LamdaConfig.load` behind the folder checks: no symlink out, a size limit, no deep nesting."""
+    path = directory / CONFIG_NAME
+    _inside_folder(path)
+    if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {path.stat().st_size} bytes, over the limit of {MAX_CONFIG_BYTES}")
+    try:
+        return LamdaConfig.load(directory)
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
+
+
 def _read_tensors(path: Path, config_bytes: bytes, max_file_bytes: int) -> dict[str, torch.Tensor]:
+    _inside_folder(path)
     if not path.is_file():
         raise AdapterLoadError(f"missing {path.name} in {path.parent}: not a complete adapter folder")
-    if path.is_symlink() and path.resolve().parent != path.parent.resolve():
-        raise AdapterLoadError(f"{path} is a symlink out of its folder; refusing to follow it")
     size = path.stat().st_size
     if size > max_file_bytes:
         raise AdapterLoadError(f"{path} is {size} bytes, over the limit of {max_file_bytes} (raise max_file_bytes)")
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) == 8:
+            prefix += f.read(min(int.from_bytes(prefix, "little"), MAX_HEADER_BYTES))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for every corruption
-        raise AdapterLoadError(f"{path} is not a valid safetensors file ({type(err).__name__}: {err})") from None
+        _, metadata = parse_safetensors_header(prefix, size)
+    except AdapterLoadError as err:
+        raise AdapterLoadError(f"{path} is not a valid safetensors file: {err}") from None
     if metadata.get("format") != FORMAT:
         raise AdapterLoadError(f"{path} was not written by lamda-peft (metadata format {metadata.get('format')!r})")
     if metadata.get("config_sha256") != hashlib.sha256(config_bytes).hexdigest():
@@ -107,7 +202,11 @@ def _read_tensors(path: Path, config_bytes: bytes, max_file_bytes: int) -> dict[
             f"{path} and its {CONFIG_NAME} come from different saves (config hash mismatch): the folder is "
             "inconsistent, probably from an interrupted overwrite"
         )
-    return tensors
+    try:  # the header is sound and every tensor fits in the file: reading is bounded by its size
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types (overlapping ranges, ...)
+        raise AdapterLoadError(f"{path} is not a valid safetensors file ({type(err).__name__}: {err})") from None
 
 
 def _expect(tensors: dict, key: str, shape: tuple, dtypes: tuple, where: str) -> torch.Tensor:
@@ -139,7 +238,7 @@ def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = 
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter folder {directory} does not exist")
-    config = LamdaConfig.load(directory)
+    config = _load_config(directory)
     # The hash is over the config's canonical JSON form, as save_adapter wrote it.
     tensors = _read_tensors(directory / WEIGHTS_NAME, _config_bytes(config), max_file_bytes)
     try:
@@ -152,6 +251,8 @@ def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = 
         d_out, d_in = linear_shape(base)
         r = config.rank_for(name)
         where = f"{directory}: module {name!r} ({d_out}x{d_in}, rank {r})"
+        if r > min(d_out, d_in):
+            raise AdapterLoadError(f"{where}: the rank exceeds min(d_out, d_in) = {min(d_out, d_in)}")
         floats = (torch.float32, torch.float64)
         A = _expect(tensors, f"{name}.lamda_A", (r, d_in), floats, where)
         B0 = _expect(tensors, f"{name}.lamda_B0", (d_out, r), (A.dtype,), where)
@@ -203,7 +304,7 @@ def load_adapter_state(lamda_model, directory: str | Path, max_file_bytes: int =
     counter and the modules_to_save weights are restored; nothing is modified if a check fails.
     """
     directory = Path(directory)
-    config = LamdaConfig.load(directory)
+    config = _load_config(directory)
     tensors = _read_tensors(directory / WEIGHTS_NAME, _config_bytes(config), max_file_bytes)
     own = adapter_state_dict(lamda_model)
     missing = sorted(set(own) - set(tensors))

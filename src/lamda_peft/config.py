@@ -143,11 +143,15 @@ class LamdaConfig(PeftConfig):
         if not isinstance(self.rank_pattern, dict):
             raise ConfigError(f"rank_pattern must be a dict {{module: rank}}, got {self.rank_pattern!r}")
         for key, value in self.rank_pattern.items():
+            _check_pattern_key("rank_pattern", key)
             _check_int(f"rank_pattern[{key!r}]", value, minimum=1)
         if not isinstance(self.alpha_pattern, dict):
             raise ConfigError(f"alpha_pattern must be a dict {{module: alpha}}, got {self.alpha_pattern!r}")
         for key, value in self.alpha_pattern.items():
+            _check_pattern_key("alpha_pattern", key)
             _check_number(f"alpha_pattern[{key!r}]", value)
+            if value <= 0:
+                raise ConfigError(f"alpha_pattern[{key!r}] must be > 0, got {value}")
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
         if self.modules_to_save is not None and (
@@ -223,7 +227,7 @@ class LamdaConfig(PeftConfig):
             return cls(**{k: v for k, v in data.items() if k in known})
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
-        except TypeError as err:
+        except (TypeError, ValueError) as err:  # PEFT's own checks (task_type) raise ValueError
             raise ConfigError(f"{source}: {err}") from None
 
     @classmethod
@@ -265,6 +269,13 @@ def _check_number(name: str, value: Any) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_pattern_key(name: str, key: Any) -> None:
+    # Keys are matched as names, suffixes and regexes (`_pattern_lookup`): a broken regex must fail here.
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{name} keys must be non-empty module names or regexes, got {key!r}")
+    _check_regex(f"{name} key", key)
 
 
 def _check_regex(name: str, value: str) -> None:
