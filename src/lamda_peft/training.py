@@ -257,6 +257,12 @@ def run_training(s: TrainSettings) -> dict:
     is_lamda = s.method in ("lamda", "lamda++")
     if resume is not None and is_lamda:
         load_adapter_state(model, resume)  # before the optimizer exists: a frozen B must not enter it
+    # Passed only when asked for: the flag is deprecated in transformers 5 and warns whenever given.
+    checkpointing = (
+        {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        if s.gradient_checkpointing
+        else {}
+    )
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=s.batch_size,
@@ -271,8 +277,6 @@ def run_training(s: TrainSettings) -> dict:
         seed=s.seed,
         data_seed=s.seed,
         bf16=s.bf16,
-        gradient_checkpointing=s.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
         logging_steps=1,
         save_strategy="steps" if s.save_steps else "epoch",
         save_steps=s.save_steps or 500,
@@ -283,6 +287,7 @@ def run_training(s: TrainSettings) -> dict:
         label_names=["labels"],
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **checkpointing,
     )
     optimizers = (None, None)
     if is_lamda:
