@@ -23,6 +23,7 @@ from lamda_peft import assets
 from lamda_peft.checkpoint import atomic_write_bytes, load_adapter_state
 from lamda_peft.cli import CLIError
 from lamda_peft.config import LamdaConfig
+from lamda_peft.integrations.fault_guard import FaultGuard, stop_message
 from lamda_peft.integrations.hf_trainer import LamdaCallback, LamdaTrainer
 from lamda_peft.model import get_lamda_model
 from lamda_peft.settings import TrainSettings
@@ -208,7 +209,11 @@ def count_trainable(model) -> int:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    """The newest complete checkpoint (the Trainer writes trainer_state.json last; a kill mid-save leaves none)."""
+    ckpts = sorted(
+        (p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
     return ckpts[-1] if ckpts else None
 
 
@@ -278,6 +283,7 @@ def run_training(s: TrainSettings) -> dict:
         data_seed=s.seed,
         bf16=s.bf16,
         logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the log (and FaultGuard), not be averaged away
         save_strategy="steps" if s.save_steps else "epoch",
         save_steps=s.save_steps or 500,
         save_total_limit=3,
@@ -302,6 +308,9 @@ def run_training(s: TrainSettings) -> dict:
         optimizers=optimizers,
     )
     lamda_cb = trainer.lamda_callback if isinstance(trainer, LamdaTrainer) else None
+    guard = FaultGuard() if is_lamda else None  # stop on NaN/Inf; save and stop on SIGTERM/SIGINT
+    if guard is not None:
+        trainer.add_callback(guard)
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dict per step
     if not s.quiet:
         trainer.add_callback(ProgressBar(lamda_cb, lambda: count_trainable(model)))
@@ -310,6 +319,8 @@ def run_training(s: TrainSettings) -> dict:
         metrics.update(eval_loss_before=before, perplexity_before=causal_lm.perplexity(before))
     trainable_start = count_trainable(model)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if guard is not None and (message := stop_message(guard, latest_checkpoint(out))):
+        raise CLIError(message)  # not finished: no adapter/ and no metrics.json are written
     # Evaluation
     if s.task == "classification":
         pred = trainer.predict(eval_rows)
