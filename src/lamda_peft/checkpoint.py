@@ -88,13 +88,30 @@ def _config_bytes(config: LamdaConfig) -> bytes:
     return (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
 
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors file with its metadata keys sorted (byte-reproducible saves).
+
+    The safetensors library writes `__metadata__` from a hash map whose order changes from process
+    to process; the same adapter must give the same bytes. Tensor entries and data are unchanged
+    (their offsets are relative to the end of the header, which stays 8-byte aligned).
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    header = {"__metadata__": header.pop("__metadata__"), **header}
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob + data[8 + n :]
+
+
 def save_adapter(lamda_model, directory: str | Path) -> Path:
     """Write the adapter folder atomically (each file is replaced whole, weights first)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config_bytes = _config_bytes(lamda_model.config)
     metadata = {"format": FORMAT, "config_sha256": hashlib.sha256(config_bytes).hexdigest()}
-    atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(adapter_state_dict(lamda_model), metadata=metadata))
+    weights = _canonical_header(safetensors_bytes(adapter_state_dict(lamda_model), metadata=metadata))
+    atomic_write_bytes(directory / WEIGHTS_NAME, weights)
     atomic_write_bytes(directory / CONFIG_NAME, config_bytes)
     return directory
 
