@@ -383,3 +383,21 @@ def test_header_parser_reads_real_files(specs):
     names = {torch.float32: "F32", torch.int64: "I64", torch.bool: "BOOL"}
     assert parsed == {k: (names[t.dtype], tuple(t.shape)) for k, t in tensors.items()}
     assert metadata == {"k": "v"}
+
+
+def test_library_never_unpickles_or_runs_remote_code():
+    """Loading reads only JSON and safetensors: no pickle-based loader, no trust_remote_code, in src/."""
+    import pathlib
+    import re as regex
+
+    import lamda_peft
+
+    root = pathlib.Path(lamda_peft.__file__).parent
+    forbidden = regex.compile(r"\bpickle\b|torch\.load\(|trust_remote_code\s*=\s*True|(?<![.\w])(eval|exec)\(")
+    hits = [
+        f"{p.relative_to(root)}:{i}"
+        for p in root.rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if forbidden.search(line)
+    ]
+    assert not hits, hits
