@@ -31,6 +31,7 @@ VARIANTS = {
     "vera-r256": ({"method": "vera", "r": 256}, [3e-3, 1e-2]),
     "full": ({"method": "full"}, [5e-5, 1e-4]),
     "lamda-r16": ({"method": "lamda", "r": 16}, [1e-3, 3e-3]),
+    "lamda-r16-head3e-3": ({"method": "lamda", "r": 16, "head_lr": 3e-3}, [5e-4, 1e-3]),
     "lamda-r16-smallest": ({"method": "lamda", "r": 16, "freeze_order": "smallest_first"}, [1e-3, 3e-3]),
     "lamda-r16-ortho": ({"method": "lamda", "r": 16, "init": "orthonormal"}, [1e-2, 3e-2]),
     "lamda-r16-ff1": ({"method": "lamda", "r": 16, "freeze_fraction": 1.0}, [3e-3]),

@@ -151,8 +151,12 @@ class LamdaModel(nn.Module):
         n = self.trainable_parameter_count()
         print(f"trainable params: {n:,} || all params: {total:,} || trainable%: {100 * n / total:.4f}")
 
-    def lamda_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer groups: S at lr * config.s_lr_scale, B and modules_to_save at lr."""
+    def lamda_param_groups(self, lr: float, weight_decay: float = 0.0, head_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: S at lr * config.s_lr_scale, B at lr, modules_to_save at head_lr (default lr).
+
+        A freshly initialised head usually wants a larger rate than the adapter: with the spectral
+        init an Adam step on S or B moves the weight by about sqrt(s_i s_j) times the step.
+        """
         layers = [layer for _, layer in self.lamda_layers()]
         s_params = [layer.dS for layer in layers]
         b_params = [layer.dB for layer in layers if layer.dB.requires_grad]
@@ -160,7 +164,8 @@ class LamdaModel(nn.Module):
         other = [p for p in self.model.parameters() if p.requires_grad and id(p) not in lamda_ids]
         groups = [
             {"params": s_params, "lr": lr * self.config.s_lr_scale, "weight_decay": weight_decay},
-            {"params": b_params + other, "lr": lr, "weight_decay": weight_decay},
+            {"params": b_params, "lr": lr, "weight_decay": weight_decay},
+            {"params": other, "lr": lr if head_lr is None else head_lr, "weight_decay": weight_decay},
         ]
         return [g for g in groups if g["params"]]
 

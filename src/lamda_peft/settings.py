@@ -63,6 +63,9 @@ class TrainSettings:
     dropout: float = _f(0.0, "dropout on the adapter input (0 keeps LaMDA's activation saving)")
     # optimisation
     lr: float = _f(3e-3, "peak learning rate (AdamW)")
+    head_lr: float | None = _f(
+        None, "learning rate of the trained head (modules_to_save) for LaMDA runs; default: --lr"
+    )
     weight_decay: float = _f(0.01, "AdamW weight decay (LaMDA: pulls S to its init, not to 0)")
     warmup_ratio: float = _f(0.0, "fraction of steps of linear warm-up")
     scheduler: str = _f("linear", "learning-rate schedule (transformers' lr_scheduler_type)")

@@ -120,6 +120,9 @@ def _load_data(s: TrainSettings):
         train_df, eval_df = data.load_table(source), None
     if s.eval_data:
         eval_df = data.bundled(s.eval_data)[0] if s.eval_data in data.BUNDLED else data.load_table(s.eval_data)
+    if s.task == "classification":  # check the columns and labels before anything else uses them
+        data.require_columns(train_df, _text_columns(s) + [s.label_column], source)
+        data.class_labels(train_df[s.label_column], source, s.label_column)
     if eval_df is None:
         train_df, eval_df = data.split_heldout(train_df, s.eval_fraction, s.seed)
     if s.max_train_rows:
@@ -297,7 +300,7 @@ def run_training(s: TrainSettings) -> dict:
     )
     optimizers = (None, None)
     if is_lamda:
-        optimizers = (torch.optim.AdamW(model.lamda_param_groups(s.lr, s.weight_decay)), None)
+        optimizers = (torch.optim.AdamW(model.lamda_param_groups(s.lr, s.weight_decay, head_lr=s.head_lr)), None)
     trainer_cls = LamdaTrainer if is_lamda else Trainer
     trainer = trainer_cls(
         model=model,

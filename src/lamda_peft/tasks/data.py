@@ -95,7 +95,7 @@ def bundled(name: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
 
 def split_heldout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A seeded random held-out split (the same seed always gives the same split)."""
-    heldout = df.sample(frac=fraction, random_state=seed)
+    heldout = df.sample(n=max(1, round(fraction * len(df))), random_state=seed)
     train = df.drop(heldout.index)
     if len(train) == 0 or len(heldout) == 0:
         raise DataError(f"{len(df)} rows are too few to hold out {fraction:.0%} for evaluation")
