@@ -29,9 +29,10 @@ def test_help_documents_every_setting(capsys):
 
 @pytest.mark.slow
 def test_default_run_beats_majority(tmp_path):
-    """The default command, shortened to 2 epochs: held-out accuracy clears the majority class."""
+    """The default command (190 steps, ~3-4 min on 2 idle cores): held-out accuracy clears the
+    majority class (0.654) by a clear margin. Measured with these settings: 0.720, macro-F1 0.459."""
     out = tmp_path / "run"
-    assert run_cli("train", "--output-dir", out, "--epochs", "2", "--quiet") == 0
+    assert run_cli("train", "--output-dir", out, "--quiet") == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for name in (
         "adapter/adapter_config.json",
@@ -42,7 +43,7 @@ def test_default_run_beats_majority(tmp_path):
         "trainable_params.png",
     ):
         assert (out / name).is_file(), name
-    assert metrics["accuracy"] >= metrics["majority_baseline"] + 0.02, metrics
+    assert metrics["accuracy"] >= metrics["majority_baseline"] + 0.03, metrics
     assert metrics["trainable_params_end"] < metrics["trainable_params_start"]
 
 
