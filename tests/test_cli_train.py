@@ -139,3 +139,38 @@ def test_config_file_unknown_key_and_precedence(tmp_path, capsys):
     cfg.write_text("r: 4\nlr: 0.1\n")
     s = settings_from_args(build_parser().parse_args(["train", "--config", str(cfg), "--lr", "0.5"]))
     assert (s.r, s.lr) == (4, 0.5)  # file over defaults, flags over file
+
+
+@pytest.mark.slow
+def test_accumulation_checkpointing_bf16_drive_the_schedule(tmp_path):
+    """Gradient accumulation, gradient checkpointing and bf16 autocast together: the freeze still
+    follows the optimizer steps (t_i = ceil(0.5 * 4) = 2, so B is fully frozen at the end)."""
+    out = tmp_path / "run"
+    code = run_cli(
+        "train",
+        "--output-dir",
+        out,
+        *FAST,
+        "--max-train-rows",
+        "48",
+        "--max-eval-rows",
+        "8",
+        "--max-steps",
+        "4",
+        "--grad-accum",
+        "2",
+        "--gradient-checkpointing",
+        "--bf16",
+        "--freeze-fraction",
+        "0.5",
+        "--r",
+        "4",
+    )
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train_steps"] == 4
+    assert m["trainable_params_end"] == 36 * 16 + 384 * 3 + 3  # sum r^2 + the head
+    frozen = [
+        v for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if k.endswith("lamda_frozen")
+    ]
+    assert all(bool(f.all()) for f in frozen)
