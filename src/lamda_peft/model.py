@@ -167,7 +167,9 @@ class LamdaModel(nn.Module):
             {"params": b_params, "lr": lr, "weight_decay": weight_decay},
             {"params": other, "lr": lr if head_lr is None else head_lr, "weight_decay": weight_decay},
         ]
-        return [g for g in groups if g["params"]]
+        # The B group stays even when empty (B fully frozen on resume): a checkpoint's optimizer
+        # state has one group per role, and the resumed optimizer must have the same groups.
+        return [g for g in groups if g["params"] or g is groups[1]]
 
     # -- merge / disable ---------------------------------------------------------------------
     def merge(self) -> None:
