@@ -26,6 +26,20 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def initial_factors(weight: torch.Tensor, r: int, config: LamdaConfig) -> SpectralFactors:
+    """A, B0, S0 of a (d_out, d_in) weight as `config` asks (init, SVD method), on the weight's device."""
+    f = spectral_factors(
+        weight,
+        r,
+        init=config.init,
+        dtype=_adapter_dtype(weight),
+        method=config.svd,
+        niter=config.svd_niter,
+        full_max_dim=config.svd_full_max_dim,
+    )
+    return SpectralFactors(*(t.to(weight.device) for t in f))
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -59,18 +73,9 @@ class LamdaModel(nn.Module):
             scaling = config.alpha_for(name) / r
             weight = torch_layout_weight(base)
             if factors is not None:
-                f = factors[name]
+                f = SpectralFactors(*(t.to(weight.device) for t in factors[name]))
             else:
-                f = spectral_factors(
-                    weight,
-                    r,
-                    init=config.init,
-                    dtype=_adapter_dtype(weight),
-                    method=config.svd,
-                    niter=config.svd_niter,
-                    full_max_dim=config.svd_full_max_dim,
-                )
-            f = SpectralFactors(*(t.to(weight.device) for t in f))
+                f = initial_factors(weight, r, config)
             layer = LamdaLinear(base, f, scaling, dropout=config.dropout, freeze_order=config.freeze_order)
             _set_submodule(model, name, layer)
         for name in config.modules_to_save or []:

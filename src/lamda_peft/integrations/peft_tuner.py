@@ -19,9 +19,8 @@ from torch import nn
 from lamda_peft.config import LamdaConfig
 from lamda_peft.integrations.peft_layer import LamdaPeftLinear
 from lamda_peft.layer import linear_shape, torch_layout_weight
-from lamda_peft.model import _adapter_dtype
+from lamda_peft.model import initial_factors
 from lamda_peft.schedule import FreezeSchedule
-from lamda_peft.spectral import spectral_factors
 from lamda_peft.targets import _output_head_names, is_linear, matches
 
 PREFIX = "lamda_"  # every LaMDA tensor name under PEFT starts with it (`lamda_adapter.<name>.A`, ...)
@@ -151,16 +150,7 @@ class LamdaTuner(BaseTuner):
             raise ValueError(f"module {current_key!r} already holds a {type(target).__name__} adapter")
         r = peft_config.rank_for(current_key)
         weight = torch_layout_weight(base)  # the original W: PEFT never rewrites it
-        factors = spectral_factors(
-            weight,
-            r,
-            init=peft_config.init,
-            dtype=_adapter_dtype(weight),
-            method=peft_config.svd,
-            niter=peft_config.svd_niter,
-            full_max_dim=peft_config.svd_full_max_dim,
-        )
-        factors = type(factors)(*(t.to(weight.device) for t in factors))
+        factors = initial_factors(weight, r, peft_config)
         kwargs = {
             "factors": factors,
             "scaling": peft_config.alpha_for(current_key) / r,
