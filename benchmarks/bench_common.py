@@ -14,7 +14,7 @@ dropout 0); the baselines go through the real `peft` package:
 | lamda_before  | LaMDA with B still entirely trainable (schedule attached, T very large)       |
 | lamda_after   | LaMDA after its real schedule froze B (T=4, freeze_fraction 0.5, 2 warm-up steps) |
 | loraxs        | LaMDA with freeze_fraction=0: B frozen from the start (LoRA-XS-like)          |
-| *_fused       | PROTOTYPE: the LaMDA variant with `fused_prototype.py`'s forward (not in src/) |
+| *_unfused     | the LaMDA variant with `LamdaLinear.fused = False` (autograd, no fused Function) |
 
 Memory is accounted per training step:
 - saved activations: bytes of the tensors autograd saves for backward (`saved_tensors_hooks`),
@@ -58,8 +58,8 @@ METHODS = (
     "lamda_before",
     "lamda_after",
     "loraxs",
-    "lamda_before_fused",
-    "lamda_after_fused",
+    "lamda_before_unfused",
+    "lamda_after_unfused",
 )
 TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 
@@ -265,7 +265,7 @@ class LamdaFactors:
         return out
 
 
-LAMDA_VARIANTS = ("lamda_before", "lamda_after", "loraxs", "lamda_before_fused", "lamda_after_fused")
+LAMDA_VARIANTS = ("lamda_before", "lamda_after", "loraxs", "lamda_before_unfused", "lamda_after_unfused")
 
 
 def build(method: str, load: Callable[[], nn.Module], targets, r: int, factors: LamdaFactors | None = None) -> Runner:
@@ -299,7 +299,7 @@ def build(method: str, load: Callable[[], nn.Module], targets, r: int, factors: 
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=LR)
         return Runner(method, peft_model, opt, f"VeRA at the same r={r} (PEFT's default is 256)")
     if method in LAMDA_VARIANTS:
-        kind = method.removesuffix("_fused")
+        kind = method.removesuffix("_unfused")
         freeze_fraction = {"lamda_before": 0.3, "lamda_after": 0.5, "loraxs": 0.0}[kind]
         config = LamdaConfig(r=r, target_modules=targets, freeze_fraction=freeze_fraction)
         if factors is None:
@@ -311,11 +311,10 @@ def build(method: str, load: Callable[[], nn.Module], targets, r: int, factors: 
         # after: T=4, t_i=2: the real schedule freezes B during the two warm-up steps.
         lamda.attach_optimizer(opt, total_steps=4 if kind == "lamda_after" else 10**9)
         notes = ""
-        if method.endswith("_fused"):
-            from fused_prototype import patch_fused
-
-            patch_fused(lamda)
-            notes = "PROTOTYPE: the library's layer with benchmarks/fused_prototype.py's fused forward (not in src/)"
+        if method.endswith("_unfused"):
+            for _, module in lamda.lamda_layers():
+                module.fused = False
+            notes = "the library's unfused path (LamdaLinear.fused = False)"
         return Runner(method, lamda, opt, notes)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 

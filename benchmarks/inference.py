@@ -7,7 +7,7 @@ trained values (dS, dB set to seeded noise, as after a run), then served five wa
 |-----------------------|------------------------------------------------------------------------|
 | base                  | the original model, no adapter (the latency floor)                     |
 | lamda_unmerged        | `LamdaModel`, adapter path computed at every layer                     |
-| lamda_unmerged_fused  | PROTOTYPE: the same with `fused_prototype.py`'s forward (not in src/)   |
+| lamda_unmerged_unfused | the same with `LamdaLinear.fused = False` (the autograd path)           |
 | lamda_merged          | `LamdaModel.merge()`: W_res + s B S A folded into each weight           |
 | peft_lora_unmerged    | `export_lora()` folder loaded by `peft.PeftModel.from_pretrained` on the original base |
 | peft_lora_merged      | the same after PEFT's `merge_and_unload()`                             |
@@ -79,13 +79,12 @@ def main(argv=None) -> int:
 
     from peft import PeftModel
 
-    from fused_prototype import patch_fused
-
     factors = bc.LamdaFactors(load, targets, r)
     models = {"base": load().eval()}
     models["lamda_unmerged"] = trained_lamda(load, targets, r, factors)
-    models["lamda_unmerged_fused"] = trained_lamda(load, targets, r, factors)
-    patch_fused(models["lamda_unmerged_fused"])
+    models["lamda_unmerged_unfused"] = trained_lamda(load, targets, r, factors)
+    for _, module in models["lamda_unmerged_unfused"].lamda_layers():
+        module.fused = False
     merged = trained_lamda(load, targets, r, factors)
     merged.merge()
     models["lamda_merged"] = merged

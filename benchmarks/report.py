@@ -24,8 +24,8 @@ LABELS = {
     "lamda_before": "LaMDA, B trainable",
     "lamda_after": "LaMDA, B frozen",
     "loraxs": "LaMDA freeze_fraction=0 (LoRA-XS-like)",
-    "lamda_before_fused": "LaMDA, B trainable, fused prototype*",
-    "lamda_after_fused": "LaMDA, B frozen, fused prototype*",
+    "lamda_before_unfused": "LaMDA, B trainable, unfused path*",
+    "lamda_after_unfused": "LaMDA, B frozen, unfused path*",
     "lamda": "LaMDA (freeze_fraction 0.3)",
     "lamda++": "LaMDA++ (energy ranks)",
 }
@@ -65,7 +65,7 @@ def step_memory_section(data: dict, title: str = "Memory and time per training s
         "step. Time = median CPU time of interleaved repetitions (wall time in the JSON). Ratios are to "
         "PEFT LoRA and to the no-adapter floor measured in the same run. The floor backpropagates to the "
         "embeddings' output, so it also keeps the first layer's norm input, which adapter methods never need "
-        "(one batch x sequence x hidden tensor). *Prototype rows use `benchmarks/fused_prototype.py`, not the library."
+        "(one batch x sequence x hidden tensor). *Unfused rows set `LamdaLinear.fused = False`: the autograd path the library takes for Conv1D, dropout or hooked bases."
     )
     out.append("")
     for cfg in [c for c in data["configs"] if c["timed"]]:
@@ -140,7 +140,7 @@ def step_memory_section(data: dict, title: str = "Memory and time per training s
             out.append("")
     memory_only = [c for c in data["configs"] if not c["timed"]]
     if memory_only:
-        names = [n for n in ("lora", "lorafa", "vera", "lamda_before", "lamda_after", "lamda_after_fused")]
+        names = [n for n in ("lora", "lorafa", "vera", "lamda_before", "lamda_after", "lamda_after_unfused")]
         out.append("### Step memory across ranks (memory only, same batch and sequence)")
         out.append("")
         out.append("Step memory in MiB, and LoRA's step memory divided by each method's (x less than LoRA).")

@@ -41,8 +41,8 @@ MEMORY_KEYS = (
     "step_memory_bytes",
     "peak_rss_delta_bytes",
 )
-SWEEP_METHODS = ["lora", "lorafa", "vera", "lamda_before", "lamda_after", "lamda_after_fused"]
-SEQ_SWEEP_METHODS = ["floor", "full", "lora", "lorafa", "vera", "lamda_before", "lamda_after", "lamda_after_fused"]
+SWEEP_METHODS = ["lora", "lorafa", "vera", "lamda_before", "lamda_after", "lamda_after_unfused"]
+SEQ_SWEEP_METHODS = ["floor", "full", "lora", "lorafa", "vera", "lamda_before", "lamda_after", "lamda_after_unfused"]
 TIMED_METHODS = [m for m in bc.METHODS]
 
 
@@ -114,7 +114,7 @@ def target_check(cfg: dict) -> dict:
     """The issue's targets at this config: step memory and step time of LaMDA vs LoRA and the floor."""
     vs_lora, vs_floor = cfg["ratios_vs_lora"], cfg["ratios_vs_floor"]
     out = {}
-    for name in ("lamda_before", "lamda_after", "loraxs", "lamda_before_fused", "lamda_after_fused"):
+    for name in ("lamda_before", "lamda_after", "loraxs", "lamda_before_unfused", "lamda_after_unfused"):
         if name not in vs_lora:
             continue
         mem_lora = bc.ratio(1.0, vs_lora[name]["step_memory_bytes"])  # LoRA / LaMDA: "x less memory"

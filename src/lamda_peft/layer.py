@@ -14,8 +14,11 @@
 Frozen columns of dB are made immovable, not merely gradient-free: their gradient is masked
 (so clipping norms and DDP all-reduces see zero) and, after every optimizer step, their values
 are restored bit for bit from a snapshot (AdamW's momentum and weight decay cannot move them).
-Once every column is frozen, dB stops requiring grad and leaves the optimizer (its state freed),
-and the forward pass saves only the r-wide `A x` for backward.
+Once every column is frozen, dB stops requiring grad and leaves the optimizer (its state freed).
+Over a plain `nn.Linear` the forward is one fused autograd Function (fused.py) that saves only the
+r-wide `A x` for backward; other bases (HF `Conv1D`, subclasses such as quantized linears, dropout
+on the adapter input, extra forward arguments) take the unfused path below, which computes the
+same function with autograd.
 
 The base weight is stored as W_res in the wrapped layer itself (`nn.Linear` or HF `Conv1D`).
 """
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lamda_peft.fused import fused_lamda_linear
 from lamda_peft.spectral import SpectralFactors, residual_weight
 
 
@@ -115,7 +119,15 @@ class LamdaLinear(nn.Module):
         """scaling * B S A in torch layout (d_out, d_in)."""
         return delta_weight(self.A, self.B, self.S, self.scaling)
 
+    # False sends every forward through the unfused path (benchmarks compare the two).
+    fused: bool = True
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.fused and not (self.merged or self.disabled or args or kwargs) and self._fusable():
+            base = self.base_layer
+            return fused_lamda_linear(
+                x, base.weight, base.bias, self.A, self.B0, self.dB, self.S0, self.dS, self.scaling
+            )
         result = self.base_layer(x, *args, **kwargs)  # x W_res^T (+ bias)
         if self.merged:
             return result
@@ -127,6 +139,16 @@ class LamdaLinear(nn.Module):
             M = self.scaling * (self.B @ self.S)
         h = F.linear(self.dropout(x), self.A.to(x.dtype))  # (..., r)
         return result + F.linear(h, M.to(x.dtype)).to(result.dtype)  # (..., d_out)
+
+    def _fusable(self) -> bool:
+        # Exactly nn.Linear (a subclass may quantize its weight), no hooks on it that calling its
+        # weight directly would skip (accelerate's offload, user hooks) and no adapter dropout.
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and isinstance(self.dropout, nn.Identity)
+        )
 
     # -- freezing ----------------------------------------------------------------------------
     def _mask_frozen_grad(self, grad: torch.Tensor) -> torch.Tensor:
