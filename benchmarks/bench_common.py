@@ -210,6 +210,14 @@ class Runner:
     optimizer: torch.optim.Optimizer | None
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    lean_loss: bool = False  # lamda_peft.lean.causal_lm_loss instead of the model's full-logits loss
+
+    def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.lean_loss:
+            from lamda_peft.lean import causal_lm_loss
+
+            return causal_lm_loss(self.model, {"input_ids": input_ids, "labels": input_ids})
+        return self.model(input_ids=input_ids, labels=input_ids).loss
 
     def trainable_count(self) -> int:
         counter = getattr(self.model, "trainable_parameter_count", None)
@@ -219,7 +227,7 @@ class Runner:
 
     def step(self, input_ids: torch.Tensor) -> float:
         """One full training step; returns the loss."""
-        loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        loss = self.loss(input_ids)
         loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
@@ -383,7 +391,7 @@ def measure_step(runner: Runner, input_ids: torch.Tensor, collect: bool = True) 
     rss_before = rss_bytes()
     peak_ok = reset_peak_rss()
     with saved_tensor_meter(model) as saved:
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss = runner.loss(input_ids)
     loss.backward()
     grads = _unique_bytes(p.grad for p in model.parameters())
     if opt is not None:

@@ -30,6 +30,7 @@ def results(tmp_path_factory) -> Path:
     run("step_memory.py", "--quick", "--out", str(out / "step_memory.json"))
     run("param_updates.py", "--quick", "--out", str(out / "param_updates.json"))
     run("inference.py", "--quick", "--out", str(out / "inference.json"))
+    run("lean_memory.py", "--quick", "--out", str(out / "lean_memory.json"))
     return out
 
 
@@ -120,3 +121,14 @@ def test_report_renders(results, tmp_path):
     text = out.read_text()
     for heading in ("Memory and time per training step", "parameter updates", "Inference"):
         assert heading.lower() in text.lower()
+
+
+def test_lean_memory_same_loss_and_no_logits_kept(results):
+    data = load(results, "lean_memory.json")
+    assert all(gap < 1e-4 for gap in data["first_step_loss_abs_diff"].values()), data["first_step_loss_abs_diff"]
+    for point in data["points"]:
+        m = point["methods"]
+        assert point["ratios"]["lora_stock"]["step_memory_x_less_than_lora_stock"] == 1.0
+        # Bytes saved for backward do not depend on load: the chunked loss keeps no logits.
+        assert m["lamda_chunked"]["saved_activation_bytes"] < m["lamda_stock"]["saved_activation_bytes"]
+        assert m["lamda_lean"]["step_memory_bytes"] < m["lamda_chunked"]["step_memory_bytes"]

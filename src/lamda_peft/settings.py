@@ -79,6 +79,11 @@ class TrainSettings:
     seed: int = _f(0, "random seed (data order, head init, dropout)")
     bf16: bool = _f(False, "bf16 autocast (adapter weights stay float32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, more time)")
+    memory_lean: bool = _f(
+        False,
+        "causal-lm: chunked cross-entropy that never builds the full logits, plus gradient checkpointing "
+        "(same loss; see benchmarks/lean_memory.py)",
+    )
     # output
     output_dir: str = _f("runs/lamda-default", "where the adapter, metrics.json, logs, plots and checkpoints go")
     overwrite: bool = _f(False, "replace the results of a previous run in --output-dir")
@@ -99,6 +104,7 @@ class TrainSettings:
             (self.epochs > 0 or self.max_steps > 0, "epochs must be > 0 (or give max_steps)"),
             (0 < self.eval_fraction < 1, "eval_fraction must be in (0, 1)"),
             (self.save_steps >= 0, "save_steps must be >= 0"),
+            (not self.memory_lean or self.task == "causal-lm", "memory_lean applies to --task causal-lm only"),
         ]
         for ok, message in checks:
             if not ok:

@@ -24,7 +24,8 @@ from lamda_peft.checkpoint import atomic_write_bytes, load_adapter_state
 from lamda_peft.cli import CLIError
 from lamda_peft.config import LamdaConfig
 from lamda_peft.integrations.fault_guard import FaultGuard, stop_message
-from lamda_peft.integrations.hf_trainer import LamdaCallback, LamdaTrainer
+from lamda_peft.integrations.hf_trainer import LamdaCallback, LamdaTrainer, LeanTrainer
+from lamda_peft.lean import DEFAULT_CHUNK_TOKENS
 from lamda_peft.model import get_lamda_model
 from lamda_peft.settings import TrainSettings
 from lamda_peft.targets import find_targets
@@ -268,7 +269,7 @@ def run_training(s: TrainSettings) -> dict:
     # Passed only when asked for: the flag is deprecated in transformers 5 and warns whenever given.
     checkpointing = (
         {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        if s.gradient_checkpointing
+        if s.gradient_checkpointing or s.memory_lean
         else {}
     )
     args = TrainingArguments(
@@ -301,8 +302,10 @@ def run_training(s: TrainSettings) -> dict:
     optimizers = (None, None)
     if is_lamda:
         optimizers = (torch.optim.AdamW(model.lamda_param_groups(s.lr, s.weight_decay, head_lr=s.head_lr)), None)
-    trainer_cls = LamdaTrainer if is_lamda else Trainer
+    trainer_cls = LamdaTrainer if is_lamda else (LeanTrainer if s.memory_lean else Trainer)
+    lean = {"chunked_loss_tokens": DEFAULT_CHUNK_TOKENS} if s.memory_lean else {}
     trainer = trainer_cls(
+        **lean,
         model=model,
         args=args,
         train_dataset=train_rows,

@@ -6,6 +6,8 @@
 - `LamdaTrainer` is `Trainer` plus that callback, with checkpoints written by
   `LamdaModel.save_pretrained` (adapter tensors, schedule state) instead of the full state dict,
   and resumption that loads them back (the Trainer restores optimizer, scheduler, RNG, data order).
+- `LeanLossMixin` (in `LamdaTrainer`, and `LeanTrainer` for other models) computes a causal LM's
+  loss with `lean.causal_lm_loss` when `chunked_loss_tokens` is set: the same loss, no full logits.
 """
 
 from __future__ import annotations
@@ -51,13 +53,41 @@ class LamdaCallback(TrainerCallback):
         self.history.append((state.global_step, unwrap(model).trainable_parameter_count()))
 
 
-class LamdaTrainer(Trainer):
-    """`Trainer` for a `LamdaModel`: adds `LamdaCallback` and saves/loads adapter-only checkpoints."""
+class LeanLossMixin:
+    """Causal-LM loss without the full logits (`lean.causal_lm_loss`) when `chunked_loss_tokens` is set.
 
-    def __init__(self, *args, **kwargs) -> None:
+    The loss is the one `Trainer.compute_loss` gets from the model: the same denominator
+    (`num_items_in_batch` when the model takes loss kwargs) and the same multi-process scaling.
+    Evaluation that needs the logits (`return_outputs=True`) takes the stock path.
+    """
+
+    chunked_loss_tokens: int | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.chunked_loss_tokens or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from lamda_peft.lean import causal_lm_loss
+
+        num_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = causal_lm_loss(model, inputs, num_items, self.chunked_loss_tokens)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
+        return loss
+
+
+class LamdaTrainer(LeanLossMixin, Trainer):
+    """`Trainer` for a `LamdaModel`: adds `LamdaCallback` and saves/loads adapter-only checkpoints.
+
+    Args:
+        chunked_loss_tokens: compute a causal LM's training loss in chunks of this many tokens,
+            never materialising the full logits (None: the model's own loss).
+    """
+
+    def __init__(self, *args, chunked_loss_tokens: int | None = None, **kwargs) -> None:
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(c, LamdaCallback) for c in callbacks):
             callbacks.append(LamdaCallback())
+        self.chunked_loss_tokens = chunked_loss_tokens
         super().__init__(*args, callbacks=callbacks, **kwargs)
 
     @property
@@ -80,3 +110,11 @@ class LamdaTrainer(Trainer):
         if not isinstance(target, LamdaModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapter_state(target, resume_from_checkpoint)
+
+
+class LeanTrainer(LeanLossMixin, Trainer):
+    """`Trainer` with the chunked causal-LM loss, for models other than a `LamdaModel` (the baselines)."""
+
+    def __init__(self, *args, chunked_loss_tokens: int | None = None, **kwargs) -> None:
+        self.chunked_loss_tokens = chunked_loss_tokens
+        super().__init__(*args, **kwargs)
