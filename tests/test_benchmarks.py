@@ -117,10 +117,15 @@ def test_inference_structure(results):
 
 def test_report_renders(results, tmp_path):
     out = tmp_path / "RESULTS.md"
-    run("report.py", "--results-dir", str(results), "--out", str(out))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- benchmarks:start -->\nstale\n<!-- benchmarks:end -->\noutro\n")
+    run("report.py", "--results-dir", str(results), "--out", str(out), "--readme", str(readme))
     text = out.read_text()
-    for heading in ("Memory and time per training step", "parameter updates", "Inference"):
+    for heading in ("Memory and time per training step", "parameter updates", "Inference", "Memory-lean"):
         assert heading.lower() in text.lower()
+    block = readme.read_text()
+    assert block.startswith("intro\n") and block.endswith("outro\n") and "stale" not in block
+    assert "step memory vs PEFT LoRA" in block and "--memory-lean" in block
 
 
 def test_lean_memory_same_loss_and_no_logits_kept(results):
