@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     from lamda_peft.training import run_training
 
     settings = settings_from_args(args)
+    if settings.quiet:  # this process ends with the command: the global switch is ours to set
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     metrics = run_training(settings)
     keys = [
         "accuracy",
