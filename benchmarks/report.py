@@ -320,6 +320,33 @@ def lean_memory_section(data: dict) -> list[str]:
     return out
 
 
+def plot_quality(data: dict, path: Path) -> None:
+    """Accuracy (mean, std over seeds) against trainable parameters at the end, log x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for b in data["best_per_variant"]:
+        ax.errorbar(b["trainable_params_end"], b["accuracy_mean"], yerr=b["accuracy_std"], fmt="o", capsize=3)
+        ax.annotate(
+            f"{b['variant']} (lr {b['lr']:g})",
+            (b["trainable_params_end"], b["accuracy_mean"]),
+            fontsize=8,
+            xytext=(5, 4),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters at the end of training (log)")
+    ax.set_ylabel("held-out accuracy (mean +- std over seeds)")
+    ax.set_title(f"{data['preset'].get('model', '')}: quality vs trainable parameters", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def quality_section(data: dict) -> list[str]:
     out = ["## Quality at equal steps", "", f"Command: `{data['command']}`; preset {data['preset']}.", ""]
     rows = []
@@ -482,7 +509,11 @@ def main(argv=None) -> int:
     ):
         path = args.results_dir / f"{stem}.json"
         if path.is_file():
-            lines += section(json.loads(path.read_text()))
+            payload = json.loads(path.read_text())
+            lines += section(payload)
+            if stem == "quality_minilm_3seeds":
+                plot_quality(payload, args.results_dir / "quality_vs_params.png")
+                lines += ["Plot: `results/quality_vs_params.png`.", ""]
         elif stem not in ("step_time_focus", "quality_minilm_3seeds"):
             lines += [f"_{path.name}: not found; run the benchmark first._", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
