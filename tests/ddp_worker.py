@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--no-prepare", action="store_true", help="skip prepare_ddp (the negative control)")
+    ap.add_argument("--no-prepare", action="store_true", help="skip prepare_distributed (the negative control)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def main() -> None:
         model, optimizer = accelerator.prepare(model, optimizer)
         sync = None
     else:
-        sync = lamda_peft.prepare_ddp(model)  # before prepare(): dB stays out of DDP's reducer
+        sync = lamda_peft.prepare_distributed(model)  # before prepare(): dB stays out of DDP's reducer
         model, optimizer = accelerator.prepare(model, optimizer)
         sync.bind(model)  # optional: no dB all-reduce inside accelerator.accumulate's no_sync passes
     # --- end of snippet ---

@@ -17,16 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lamda_peft import LamdaConfig, get_lamda_model, prepare_ddp
+from lamda_peft import LamdaConfig, get_lamda_model, prepare_distributed
 from lamda_peft.integrations.distributed import grad_sync_of
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ddp_worker.py")
+FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
 LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 # Adapter agreement between 2 processes and 1 (float32; only the summation order of the batch
 # mean and of the all-reduce differ). Measured: 6.1e-8 max abs difference.
 DDP_ATOL = 1e-6
+FSDP_ATOL = 2e-6  # measured: 3.2e-7 (dS is reduce-scattered by FSDP, dB all-reduced by LamdaGradSync)
 
 
 def _env(tmp_path: Path) -> dict:
@@ -46,11 +48,11 @@ def _run(cmd: list, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedP
     )
 
 
-def test_prepare_ddp_keeps_db_and_buffers_out_of_ddp(tiny_mlp):
+def test_prepare_distributed_keeps_db_and_buffers_out_of_ddp(tiny_mlp):
     """Single process: the ignore list names exactly dB and the LaMDA buffers, and the sync is inert."""
     model = get_lamda_model(tiny_mlp, LamdaConfig(r=4, target_modules=["up", "down"]))
-    sync = prepare_ddp(model)
-    assert prepare_ddp(model) is sync and grad_sync_of(model) is sync
+    sync = prepare_distributed(model)
+    assert prepare_distributed(model) is sync and grad_sync_of(model) is sync
     names = set(model._ddp_params_and_buffers_to_ignore)
     assert {n for n in names if n.endswith(".dB")} == {"model.up.dB", "model.down.dB"}
     assert all(".dS" not in n for n in names)  # dS stays DDP's
@@ -59,7 +61,7 @@ def test_prepare_ddp_keeps_db_and_buffers_out_of_ddp(tiny_mlp):
     assert sync.reductions == 0 and model.model.up.dB.grad is not None
 
 
-def test_prepare_ddp_refuses_a_wrapped_model(tiny_mlp):
+def test_prepare_distributed_refuses_a_wrapped_model(tiny_mlp):
     import torch.distributed as dist
 
     model = get_lamda_model(tiny_mlp, LamdaConfig(r=4, target_modules=["up"]))
@@ -68,7 +70,7 @@ def test_prepare_ddp_refuses_a_wrapped_model(tiny_mlp):
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         with pytest.raises(ValueError, match="before wrapping"):
-            prepare_ddp(ddp)
+            prepare_distributed(ddp)
     finally:
         dist.destroy_process_group()
 
@@ -106,7 +108,7 @@ def test_two_processes_equal_one_across_the_freeze(tmp_path):
 
 
 @pytest.mark.slow
-def test_without_prepare_ddp_the_phase_change_breaks_ddp(tmp_path):
+def test_without_prepare_distributed_the_phase_change_breaks_ddp(tmp_path):
     """The negative control: DDP owning dB (find_unused_parameters=False) fails once B is frozen."""
     out = tmp_path / "bad"
     out.mkdir()
@@ -130,6 +132,37 @@ def test_cli_train_under_accelerate_launch(tmp_path):
     assert m["trainable_params_end"] < m["trainable_params_start"]
     frozen = [v for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if k.endswith("frozen")]
     assert frozen and all(bool(f.all()) for f in frozen)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_across_the_freeze(tmp_path):
+    """FSDP2 `fully_shard` on CPU/gloo with dB in `ignored_params`: the sharded 2-process run equals an
+    unsharded single process with the same global batch, through the phase change."""
+    r1 = _run([sys.executable, FSDP_WORKER, "--out", tmp_path], tmp_path)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", FSDP_WORKER, "--out", tmp_path],
+        tmp_path,
+    )
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    one, two = torch.load(tmp_path / "fsdp_w1.pt"), torch.load(tmp_path / "fsdp_w2.pt")
+    assert two["sharded"] and not one["sharded"]
+    assert one["frozen_per_step"] == two["frozen_per_step"] == [14, 28, 56, 56, 56, 56]  # fully frozen at step 3
+    assert two["reductions"] == 3 and one["reductions"] == 0
+    for key, value in one["adapter"].items():
+        torch.testing.assert_close(two["adapter"][key], value, atol=FSDP_ATOL, rtol=0, msg=key)
+
+
+def _snippet(heading: str) -> str:
+    section = (ROOT / "README.md").read_text().split(heading, 1)[1]
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_readme_fsdp_snippet_is_the_tested_code():
+    worker = {line.strip() for line in FSDP_WORKER.read_text().splitlines()}
+    for line in _snippet("### FSDP2").strip().splitlines():
+        if line.strip() and not line.strip().startswith(("#", "import", "from")):
+            assert line.strip() in worker, line
 
 
 def test_readme_accelerate_snippet_is_the_tested_code():

@@ -26,7 +26,7 @@ from lamda_peft.integrations.hf_trainer import LamdaCallback  # noqa: E402
 from lamda_peft.integrations.peft_training import lamda_adapters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, R = 6, 4
+STEPS, R = 6, 4  # as in the snippet
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +51,21 @@ def model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_sft_trainer_drives_the_freeze_and_saves_a_peft_adapter(model_dir, tmp_path):
+def test_sft_trainer_drives_the_freeze_and_saves_a_peft_adapter(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     dataset = Dataset.from_dict({"text": [f"{i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(48)]})
     # --- the README snippet ("Trainer / TRL") ---
+    # model_dir: a causal LM folder; dataset: a datasets.Dataset with a "text" column
+    config = SFTConfig(output_dir="sft", max_steps=6, learning_rate=3e-3, logging_steps=1, use_cpu=True)
     trainer = SFTTrainer(
         model=model_dir,
         train_dataset=dataset,
-        args=SFTConfig(
-            output_dir=str(tmp_path / "sft"), max_steps=STEPS, learning_rate=3e-3, logging_steps=1, use_cpu=True
-        ),
-        peft_config=LamdaConfig(r=R, target_modules="all-linear", freeze_fraction=0.5),
+        args=config,
+        peft_config=LamdaConfig(r=4, target_modules="all-linear", freeze_fraction=0.5),
         callbacks=[LamdaCallback()],  # drives the B-freeze schedule (and prepares DDP under accelerate launch)
     )
     trainer.train()
-    trainer.save_model(str(tmp_path / "adapter"))  # a PEFT folder: adapter_config.json + adapter_model.safetensors
+    trainer.save_model("lamda-adapter")  # a PEFT folder: adapter_config.json + adapter_model.safetensors
     # --- end of snippet ---
     model = trainer.model
     assert isinstance(model, PeftModel)
@@ -81,11 +82,13 @@ def test_sft_trainer_drives_the_freeze_and_saves_a_peft_adapter(model_dir, tmp_p
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert losses and all(math.isfinite(v) for v in losses)
 
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "lamda-adapter" / "adapter_model.safetensors")
     assert any("frozen" in k for k in saved)
     # The reloaded adapter is the trained one, tensor for tensor (logits are not compared: SFTConfig's
     # default bf16=True leaves the trained model's forward wrapped in Accelerate's autocast).
-    restored = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(tmp_path / "adapter"))
+    restored = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), str(tmp_path / "lamda-adapter")
+    )
     reloaded = lamda_adapters(restored)
     assert len(reloaded) == len(units)
     for trained, loaded in zip(units, reloaded, strict=True):

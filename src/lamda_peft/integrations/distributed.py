@@ -22,7 +22,7 @@ of DDP (`module._ddp_params_and_buffers_to_ignore`, which DDP reads when it wrap
 
 Entry points: `LamdaCallback` / `LamdaTrainer` / `lamda-peft train` do this automatically (the
 callback prepares the model at `on_init_end`, before the Trainer wraps it); hand-written loops call
-`prepare_ddp(model)` before `accelerator.prepare(...)` (or `DistributedDataParallel(...)`).
+`prepare_distributed(model)` before `accelerator.prepare(...)` (or `DistributedDataParallel(...)`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _lamda_names(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list
 class LamdaGradSync:
     """Averages the gradients of LaMDA `dB` parameters across processes (DDP leaves them alone).
 
-    Build it with `prepare_ddp(model)`; it is inert in a single process.
+    Build it with `prepare_distributed(model)`; it is inert in a single process.
 
     Attributes:
         names: the `dB` parameter names kept out of DDP.
@@ -136,7 +136,7 @@ class LamdaGradSync:
         self._handles = []
 
 
-def prepare_ddp(model: nn.Module) -> LamdaGradSync:
+def prepare_distributed(model: nn.Module) -> LamdaGradSync:
     """Prepare a LaMDA model for DDP: call it before the model is wrapped (`accelerator.prepare`).
 
     Keeps every LaMDA `dB` and LaMDA buffer out of DDP and returns the `LamdaGradSync` that averages
@@ -144,7 +144,7 @@ def prepare_ddp(model: nn.Module) -> LamdaGradSync:
     are broadcast (DDP's start-up sync no longer covers them). Calling it again returns the same
     object. Works for `LamdaModel`, a PEFT model with LaMDA adapters, or any module holding them.
 
-        sync = lamda_peft.prepare_ddp(model)
+        sync = lamda_peft.prepare_distributed(model)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         sync.bind(model)  # optional: skip the reduction inside accelerator.accumulate / no_sync
 
@@ -153,7 +153,7 @@ def prepare_ddp(model: nn.Module) -> LamdaGradSync:
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(
-            "prepare_ddp: the model is already wrapped in DistributedDataParallel; call it before wrapping"
+            "prepare_distributed: the model is already wrapped in DistributedDataParallel; call it before wrapping"
         )
     existing = model.__dict__.get(_SYNC_ATTR)
     if existing is not None:
@@ -167,7 +167,7 @@ def prepare_ddp(model: nn.Module) -> LamdaGradSync:
 
 
 def grad_sync_of(model: nn.Module) -> LamdaGradSync | None:
-    """The `LamdaGradSync` that `prepare_ddp` attached to `model` (or its unwrapped inner module), if any."""
+    """The `LamdaGradSync` that `prepare_distributed` attached to `model` (or its unwrapped inner module), if any."""
     while model is not None:
         sync = model.__dict__.get(_SYNC_ATTR)
         if sync is not None:

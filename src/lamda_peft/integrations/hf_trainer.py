@@ -3,7 +3,7 @@
 - `LamdaCallback` attaches the optimizer at `on_train_begin` with `state.max_steps` (optimizer
   steps, so gradient accumulation is accounted for); from then on every optimizer step advances
   the PMB freeze. It also records the trainable-parameter count after each step. At
-  `on_init_end` (before the Trainer wraps the model in DDP) it calls `prepare_ddp`, so multi-process
+  `on_init_end` (before the Trainer wraps the model in DDP) it calls `prepare_distributed`, so multi-process
   runs keep `dB` out of DDP and the phase change when B freezes needs no `find_unused_parameters`.
 - `LamdaTrainer` is `Trainer` plus that callback, with checkpoints written by
   `LamdaModel.save_pretrained` (adapter tensors, schedule state) instead of the full state dict,
@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from lamda_peft.checkpoint import load_adapter_state
-from lamda_peft.integrations.distributed import grad_sync_of, prepare_ddp
+from lamda_peft.integrations.distributed import grad_sync_of, prepare_distributed
 from lamda_peft.integrations.peft_training import lamda_adapters
 from lamda_peft.model import LamdaModel
 
@@ -45,7 +45,7 @@ class LamdaCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         # The Trainer wraps the model in DDP only in train(): now is the last moment to keep dB out of it.
         if model is not None and lamda_adapters(model):
-            prepare_ddp(model)
+            prepare_distributed(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         lamda = unwrap(model)
@@ -70,7 +70,7 @@ class LamdaTrainer(Trainer):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if training_args is not None and training_args.ddp_find_unused_parameters is None:
             # The Trainer's default for a model that is not a PreTrainedModel is True (a graph search
-            # every step); with dB out of DDP (prepare_ddp) every parameter DDP holds gets a gradient.
+            # every step); with dB out of DDP (prepare_distributed) every parameter DDP holds gets a gradient.
             training_args.ddp_find_unused_parameters = False
         super().__init__(*args, callbacks=callbacks, **kwargs)
 
