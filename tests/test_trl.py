@@ -6,7 +6,11 @@ folder that `trainer.save_model` writes reloads into the trained model exactly.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +107,24 @@ def test_readme_trl_snippet_is_the_tested_code():
     for line in snippet.strip().splitlines():
         if line.strip() and not line.strip().startswith(("#", "import", "from")):
             assert line.strip() in here, line
+
+
+@pytest.mark.slow
+def test_sft_trainer_under_accelerate_launch(model_dir, tmp_path):
+    """2 CPU processes (DDP, gloo, find_unused_parameters=False): B freezes on schedule, no crash at
+    the phase change, dB gradients averaged once per step while B trains."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += [str(Path(__file__).with_name("trl_worker.py")), model_dir, str(tmp_path)]
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    for rep in reports:
+        assert rep["world"] == 2 and rep["wrapper"] == "DistributedDataParallel"
+        assert rep["find_unused_parameters"] is False
+        counts = [count for _, count in rep["history"]]
+        assert counts[3:] == [counts[-1]] * 4 and counts[0] > counts[1] > counts[2] > counts[3]  # frozen at t_i = 3
+        assert rep["reductions"] == 3
+    assert reports[0]["history"] == reports[1]["history"]
