@@ -119,9 +119,11 @@ def test_without_prepare_distributed_the_phase_change_breaks_ddp(tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_under_accelerate_launch(tmp_path):
-    """`accelerate launch ... -m lamda_peft train`: 2 processes, B fully frozen at the end, one set of outputs."""
+    """`accelerate launch ... -m lamda_peft train`: 2 processes with gradient accumulation, B fully frozen at the
+    end, one set of outputs."""
     out = tmp_path / "run"
-    cmd = [*LAUNCH, "-m", "lamda_peft", "train", "--output-dir", out, "--max-length", "32", "--batch-size", "4"]
+    cmd = [*LAUNCH, "-m", "lamda_peft", "train", "--output-dir", out, "--max-length", "32", "--batch-size", "2"]
+    cmd += ["--grad-accum", "2"]  # the no_sync micro-batches of LamdaTrainer under DDP
     cmd += ["--max-train-rows", "32", "--max-eval-rows", "8", "--max-steps", "4", "--freeze-fraction", "0.5"]
     cmd += ["--r", "4", "--quiet"]
     r = _run(cmd, tmp_path)

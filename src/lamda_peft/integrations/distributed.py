@@ -23,6 +23,11 @@ of DDP (`module._ddp_params_and_buffers_to_ignore`, which DDP reads when it wrap
 Entry points: `LamdaCallback` / `LamdaTrainer` / `lamda-peft train` do this automatically (the
 callback prepares the model at `on_init_end`, before the Trainer wraps it); hand-written loops call
 `prepare_distributed(model)` before `accelerator.prepare(...)` (or `DistributedDataParallel(...)`).
+FSDP2: pass `set(sync.params)` as `ignored_params` to every `fully_shard` call; `dB` then stays a
+plain replicated tensor (the schedule pins and releases it in place) and the same hooks average it.
+
+Limits: a backward pass that raises after the first `dB` gradient leaves the reduction queued state
+set (`_queued`); a process that survives such an error should not train on with the same object.
 """
 
 from __future__ import annotations
