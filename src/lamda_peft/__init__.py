@@ -11,6 +11,7 @@ the PEFT method `integrations/peft_*.py`.
 
 from lamda_peft.checkpoint import AdapterLoadError
 from lamda_peft.config import ConfigError, LamdaConfig
+from lamda_peft.integrations.distributed import prepare_distributed
 from lamda_peft.integrations.peft_registration import PeftIntegrationError, register_on_import, register_with_peft
 from lamda_peft.integrations.peft_training import attach_optimizer
 from lamda_peft.layer import LamdaLinear, delta_weight
@@ -36,5 +37,6 @@ __all__ = [
     "freeze_steps",
     "frozen_count",
     "get_lamda_model",
+    "prepare_distributed",
     "register_with_peft",
 ]

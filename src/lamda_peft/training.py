@@ -80,8 +80,8 @@ def prepare_output_dir(s: TrainSettings) -> Path:
             f"output directory {out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it or --resume to continue it"
         )
     for name in existing:  # only our own artifacts are removed, never anything else in the folder
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        target = out / name  # (tolerant: under `accelerate launch` every process does this at once)
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -351,8 +351,10 @@ def run_training(s: TrainSettings) -> dict:
         peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         wall_time_s=time.time() - start,
         torch_threads=torch.get_num_threads(),
+        processes=trainer.args.world_size,
     )
-    _write_outputs(out, s, model, trainer, history, metrics)
+    if trainer.is_world_process_zero():  # one writer under `accelerate launch`
+        _write_outputs(out, s, model, trainer, history, metrics)
     return metrics
 
 

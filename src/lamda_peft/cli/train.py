@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 from lamda_peft.settings import TrainSettings, load_settings_file
 
@@ -76,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
         "output_dir",
     ]
     summary = {k: metrics[k] for k in keys if k in metrics}
-    print(json.dumps(summary, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary under `accelerate launch`
+        print(json.dumps(summary, indent=2))
     return 0

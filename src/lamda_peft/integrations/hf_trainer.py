@@ -2,7 +2,9 @@
 
 - `LamdaCallback` attaches the optimizer at `on_train_begin` with `state.max_steps` (optimizer
   steps, so gradient accumulation is accounted for); from then on every optimizer step advances
-  the PMB freeze. It also records the trainable-parameter count after each step.
+  the PMB freeze. It also records the trainable-parameter count after each step. At
+  `on_init_end` (before the Trainer wraps the model in DDP) it calls `prepare_distributed`, so multi-process
+  runs keep `dB` out of DDP and the phase change when B freezes needs no `find_unused_parameters`.
 - `LamdaTrainer` is `Trainer` plus that callback, with checkpoints written by
   `LamdaModel.save_pretrained` (adapter tensors, schedule state) instead of the full state dict,
   and resumption that loads them back (the Trainer restores optimizer, scheduler, RNG, data order).
@@ -18,6 +20,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from lamda_peft.checkpoint import load_adapter_state
+from lamda_peft.integrations.distributed import grad_sync_of, prepare_distributed
+from lamda_peft.integrations.peft_training import lamda_adapters
 from lamda_peft.model import LamdaModel
 
 
@@ -39,6 +43,11 @@ class LamdaCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.history: list[tuple[int, int]] = []
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # The Trainer wraps the model in DDP only in train(): now is the last moment to keep dB out of it.
+        if model is not None and lamda_adapters(model):
+            prepare_distributed(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         lamda = unwrap(model)
@@ -88,7 +97,18 @@ class LamdaTrainer(LeanLossMixin, Trainer):
         if not any(isinstance(c, LamdaCallback) for c in callbacks):
             callbacks.append(LamdaCallback())
         self.chunked_loss_tokens = chunked_loss_tokens
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.ddp_find_unused_parameters is None:
+            # The Trainer's default for a model that is not a PreTrainedModel is True (a graph search
+            # every step); with dB out of DDP (prepare_distributed) every parameter DDP holds gets a gradient.
+            training_args.ddp_find_unused_parameters = False
         super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def training_step(self, model: nn.Module, *args, **kwargs):
+        sync = grad_sync_of(self.model)
+        if sync is not None and not sync.bound and model is not self.model:
+            sync.bind(model)  # the DDP wrapper: dB is then reduced only on the synchronising micro-batch
+        return super().training_step(model, *args, **kwargs)
 
     @property
     def lamda_callback(self) -> LamdaCallback:
