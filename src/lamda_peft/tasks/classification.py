@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -40,7 +39,13 @@ class MeanPoolClassifier(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, s, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (b, h)
         logits = self.classifier(pooled)  # (b, num_labels)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:  # one output = regression (MSE on float labels), as in transformers' heads
+            loss = (
+                nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+                if self.num_labels == 1
+                else nn.functional.cross_entropy(logits, labels)
+            )
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
@@ -55,7 +60,7 @@ def is_sentence_transformer(folder: str | Path) -> bool:
 def build_classifier(
     model_path: str | Path, num_labels: int, pooling: str = "auto", dtype=torch.float32
 ) -> tuple[nn.Module, str]:
-    """(model, head name to train and save) for `num_labels` classes.
+    """(model, head name to train and save) for `num_labels` classes (1 = regression, MSE loss).
 
     pooling: "mean" (MeanPoolClassifier), "model" (AutoModelForSequenceClassification's own head)
     or "auto" (mean for sentence-transformers folders).
@@ -81,13 +86,10 @@ def build_classifier(
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """accuracy, macro-F1 and Matthews correlation (scikit-learn)."""
-    pred = logits.argmax(-1)
-    return {
-        "accuracy": float(accuracy_score(labels, pred)),
-        "macro_f1": float(f1_score(labels, pred, average="macro")),
-        "matthews": float(matthews_corrcoef(labels, pred)),
-    }
+    """accuracy, macro-F1 and Matthews correlation (see `lamda_peft.tasks.metrics`)."""
+    from lamda_peft.tasks.metrics import classification_metrics as _metrics
+
+    return _metrics(logits, labels)
 
 
 def majority_baseline(labels: np.ndarray) -> float:
