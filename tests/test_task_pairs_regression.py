@@ -56,7 +56,7 @@ def test_pair_classification_with_eval_data(reviews, tmp_path):
     assert {"macro_f1", "matthews"} <= m.keys()
 
 
-def test_regression_end_to_end(reviews, tmp_path):
+def test_regression_end_to_end(reviews, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--task", "regression", "--data", reviews / "train.csv", "--eval-data", reviews / "test.csv"]
     argv += ["--text-column", "review", "--label-column", "usefulCount", "--max-steps", "4", "--metric", "spearman"]
@@ -66,6 +66,10 @@ def test_regression_end_to_end(reviews, tmp_path):
     assert -1 <= m["pearson"] <= 1 and -1 <= m["spearman"] <= 1
     # The Trainer's held-out loss is the MSE head's loss: it must equal our MSE of the same predictions.
     assert m["eval_loss"] == pytest.approx(m["mse"], rel=1e-4)
+    capsys.readouterr()
+    assert run_cli("evaluate", out) == 0  # the saved adapter + head on a pristine base: the same scores
+    again = json.loads(capsys.readouterr().out)
+    assert again == pytest.approx({k: m[k] for k in ("pearson", "spearman", "mse", "eval_rows")}, rel=1e-4)
 
 
 @pytest.mark.parametrize(

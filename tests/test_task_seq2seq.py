@@ -35,7 +35,7 @@ def test_bart_default_targets_cover_attention_cross_attention_and_ffn(bart):
     assert "lm_head" not in names
 
 
-def test_seq2seq_trains_generates_and_scores_rouge(bart, tmp_path):
+def test_seq2seq_trains_generates_and_scores_rouge(bart, tmp_path, capsys):
     data = write_jsonl(tmp_path / "xsum.jsonl", XSUM[:12])
     held = write_jsonl(tmp_path / "xsum_val.jsonl", XSUM[12:])
     out = tmp_path / "run"
@@ -52,6 +52,9 @@ def test_seq2seq_trains_generates_and_scores_rouge(bart, tmp_path):
 
     expected = {k: m[k] for k in ("rouge1", "rouge2", "rougeL")}
     assert rouge_scores(preds, [r["summary"] for r in XSUM[12:]]) == pytest.approx(expected)
+    capsys.readouterr()
+    assert run_cli("evaluate", out) == 0  # the saved adapter on a pristine base generates the same summaries
+    assert json.loads(capsys.readouterr().out) == pytest.approx({**expected, "eval_rows": 4})
 
 
 def test_eval_generate_on_gsm8k_format(tmp_path):

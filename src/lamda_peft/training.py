@@ -174,7 +174,7 @@ def _causal_rows(tokenizer, df, s, source):
 
 def _wrap(model, s: TrainSettings, head: str | None, model_path: str):
     """Apply the adapter method; returns the wrapped model."""
-    modules_to_save = [head] if head else None
+    modules_to_save = ([head] if isinstance(head, str) else list(head)) if head else None
     targets: list[str] | str = (
         default_targets(model)
         if s.targets == "auto"

@@ -17,6 +17,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+HEAD_NAMES = ("classifier", "score", "classification_head")
+
 
 class MeanPoolClassifier(nn.Module):
     """Encoder + mean pooling over non-padding tokens + a linear `classifier`.
@@ -59,8 +61,11 @@ def is_sentence_transformer(folder: str | Path) -> bool:
 
 def build_classifier(
     model_path: str | Path, num_labels: int, pooling: str = "auto", dtype=torch.float32
-) -> tuple[nn.Module, str]:
-    """(model, head name to train and save) for `num_labels` classes (1 = regression, MSE loss).
+) -> tuple[nn.Module, str | list[str]]:
+    """(model, head name(s) to train and save) for `num_labels` classes (1 = regression, MSE loss).
+
+    With the model's own head, every top-level module the checkpoint lacks (so randomly
+    initialised, like DeBERTa-v3's pooler) is returned with the head: [head, *others].
 
     pooling: "mean" (MeanPoolClassifier), "model" (AutoModelForSequenceClassification's own head)
     or "auto" (mean for sentence-transformers folders).
@@ -76,13 +81,19 @@ def build_classifier(
         return MeanPoolClassifier(encoder, num_labels), "classifier"
     if pooling != "model":
         raise ValueError(f"pooling must be 'auto', 'mean' or 'model', got {pooling!r}")
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, dtype=dtype)
-    head = next((n for n in ("classifier", "score") if hasattr(model, n)), None)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=num_labels, dtype=dtype, output_loading_info=True
+    )
+    head = next((n for n in HEAD_NAMES if hasattr(model, n)), None)
     if head is None:
         raise ValueError(
-            f"cannot find the classification head of {type(model).__name__} (looked for classifier, score)"
+            f"cannot find the classification head of {type(model).__name__} (looked for {', '.join(HEAD_NAMES)})"
         )
-    return model, head
+    # Other top-level modules the checkpoint did not hold are random too (DeBERTa-v3's ContextPooler):
+    # they must train and be saved with the head, or they would stay random and frozen.
+    fresh = sorted({k.split(".")[0] for k in info["missing_keys"]} - {head, getattr(model, "base_model_prefix", "")})
+    fresh = [n for n in fresh if isinstance(getattr(model, n, None), nn.Module)]
+    return model, [head, *fresh] if fresh else head
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
