@@ -89,3 +89,11 @@ def test_bad_pair_and_regression_input(reviews, tmp_path, capsys, flags, message
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (out / "metrics.json").exists()
+
+
+def test_hub_spec_names_config_and_split():
+    from lamda_peft.tasks.data import parse_hub_spec
+
+    assert parse_hub_spec("nyu-mll/glue:stsb@validation") == ("nyu-mll/glue", "stsb", "validation")
+    assert parse_hub_spec("openai/gsm8k:main") == ("openai/gsm8k", "main", "train")
+    assert parse_hub_spec("EdinburghNLP/xsum@test") == ("EdinburghNLP/xsum", None, "test")

@@ -46,6 +46,7 @@ def test_seq2seq_trains_generates_and_scores_rouge(bart, tmp_path, capsys):
     for k in ("rouge1", "rouge2", "rougeL"):
         assert 0 <= m[k] <= 1
     assert m["eval_rows"] == 4 and m["eval_loss"] < m["eval_loss_before"]
+    assert {"rouge1_before", "rouge2_before", "rougeL_before"} <= m.keys()
     preds = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4
     from lamda_peft.tasks.metrics import rouge_scores
@@ -67,6 +68,7 @@ def test_eval_generate_on_gsm8k_format(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["metric"] == "exact_match" and m["eval_rows"] == 4
     assert 0 <= m["exact_match"] <= 1 and 0 <= m["rougeL"] <= 1 and 0 <= m["bleu"] <= 100
+    assert {"exact_match_before", "rougeL_before", "bleu_before"} <= m.keys()  # the untrained adapter's scores
     preds = (out / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 4
 

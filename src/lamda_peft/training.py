@@ -364,6 +364,10 @@ def run_training(s: TrainSettings) -> dict:
     if s.task in ("causal-lm", "seq2seq"):
         before = trainer.evaluate()["eval_loss"]
         metrics.update(eval_loss_before=before, perplexity_before=causal_lm.perplexity(before))
+        if not resume:  # generation scores of the untrained adapter (it starts as the base model's function)
+            scores: dict = {}
+            _generation_eval(model, tokenizer, eval_df, s, scores)
+            metrics.update({f"{k}_before": v for k, v in scores.items()})
     trainable_start = count_trainable(model)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if guard is not None and (message := stop_message(guard, latest_checkpoint(out))):
