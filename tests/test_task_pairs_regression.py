@@ -97,3 +97,19 @@ def test_hub_spec_names_config_and_split():
     assert parse_hub_spec("nyu-mll/glue:stsb@validation") == ("nyu-mll/glue", "stsb", "validation")
     assert parse_hub_spec("openai/gsm8k:main") == ("openai/gsm8k", "main", "train")
     assert parse_hub_spec("EdinburghNLP/xsum@test") == ("EdinburghNLP/xsum", None, "test")
+
+
+def test_eval_steps_keep_the_best_checkpoint_by_metric(reviews, tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--data", reviews / "train.csv", "--eval-data", reviews / "test.csv", "--output-dir", out]
+    argv += ["--text-column", "review", "--label-column", "rating", "--max-steps", "6", "--eval-steps", "2"]
+    assert run_cli(*argv, "--metric", "macro_f1", "--lr", "3e-3", *FAST) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    evals = [
+        row for row in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "eval_macro_f1" in row
+    ]
+    assert [row["step"] for row in evals] == [2, 4, 6]
+    best = max(evals, key=lambda row: row["eval_macro_f1"])  # the first of equals, as the Trainer keeps it
+    assert (m["best_metric"], m["best_value"], m["best_step"]) == ("macro_f1", best["eval_macro_f1"], best["step"])
+    assert m["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert (out / "checkpoints" / f"checkpoint-{best['step']}" / "adapter_model.safetensors").is_file()

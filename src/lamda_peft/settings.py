@@ -51,6 +51,11 @@ class TrainSettings:
         "rouge1, rouge2, rougeL, exact_match, bleu, perplexity; auto = accuracy / pearson / rougeL / "
         "exact_match (with --eval-generate) or perplexity",
     )
+    eval_steps: int = _f(
+        0,
+        "evaluate every N optimizer steps and keep the checkpoint with the best --metric (classification, "
+        "regression; held-out loss for seq2seq/causal-lm), named in metrics.json; 0 = evaluate once at the end",
+    )
     eval_generate: bool = _f(False, "causal-lm: generate answers for the held-out prompts; exact match, ROUGE-L, BLEU")
     answer_regex: str = _f(
         r"####\s*(-?[\d,]*\.?\d+)",
@@ -123,6 +128,7 @@ class TrainSettings:
             (0 < self.eval_fraction < 1, "eval_fraction must be in (0, 1)"),
             (self.save_steps >= 0, "save_steps must be >= 0"),
             (self.num_beams >= 1, "num_beams must be >= 1"),
+            (self.eval_steps >= 0, "eval_steps must be >= 0"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.max_target_length >= 1, "max_target_length must be >= 1"),
         ]

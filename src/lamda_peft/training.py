@@ -29,7 +29,7 @@ from lamda_peft.model import get_lamda_model
 from lamda_peft.settings import TrainSettings
 from lamda_peft.targets import default_targets, find_targets
 from lamda_peft.tasks import causal_lm, classification, data, generation, seq2seq
-from lamda_peft.tasks.metrics import HIGHER_IS_BETTER, regression_metrics, resolve_metric
+from lamda_peft.tasks.metrics import HIGHER_IS_BETTER, regression_metrics, resolve_metric, trainer_compute_metrics
 
 RUN_ARTIFACTS = (
     "adapter",
@@ -331,8 +331,8 @@ def run_training(s: TrainSettings) -> dict:
         bf16=s.bf16,
         logging_steps=1,
         logging_nan_inf_filter=False,  # a NaN loss must reach the log (and FaultGuard), not be averaged away
-        save_strategy="steps" if s.save_steps else "epoch",
-        save_steps=s.save_steps or 500,
+        save_strategy="steps" if s.save_steps or s.eval_steps else "epoch",
+        save_steps=s.save_steps or s.eval_steps or 500,
         save_total_limit=3,
         report_to="none",
         disable_tqdm=True,
@@ -341,6 +341,7 @@ def run_training(s: TrainSettings) -> dict:
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         **checkpointing,
+        **_best_model_args(s),
     )
     optimizers = (None, None)
     if is_lamda:
@@ -353,6 +354,7 @@ def run_training(s: TrainSettings) -> dict:
         eval_dataset=eval_rows,
         data_collator=collator,
         optimizers=optimizers,
+        compute_metrics=trainer_compute_metrics(s.task) if s.eval_steps else None,
     )
     lamda_cb = trainer.lamda_callback if isinstance(trainer, LamdaTrainer) else None
     guard = FaultGuard() if is_lamda else None  # stop on NaN/Inf; save and stop on SIGTERM/SIGINT
@@ -390,6 +392,13 @@ def run_training(s: TrainSettings) -> dict:
         predictions = _generation_eval(model, tokenizer, eval_df, s, metrics)
     metric = resolve_metric(s.task, s.metric, s.eval_generate)
     metrics.update(metric=metric, score=metrics[metric], higher_is_better=HIGHER_IS_BETTER.get(metric, True))
+    if s.eval_steps:
+        metrics.update(
+            best_checkpoint=trainer.state.best_model_checkpoint,
+            best_step=trainer.state.best_global_step,
+            best_metric=trainer.args.metric_for_best_model,
+            best_value=trainer.state.best_metric,
+        )
     history = lamda_cb.history if lamda_cb else [(0, trainable_start)]
     metrics.update(
         trainable_params_start=trainable_start,
@@ -410,6 +419,27 @@ def run_training(s: TrainSettings) -> dict:
         atomic_write_bytes(out / "predictions.jsonl", ("\n".join(rows) + "\n").encode())
     _write_outputs(out, s, model, trainer, history, metrics)
     return metrics
+
+
+def _best_model_args(s: TrainSettings) -> dict:
+    """TrainingArguments for --eval-steps: evaluate every N steps, track the best checkpoint by --metric.
+
+    Classification and regression track --metric itself; seq2seq and causal-lm track the held-out
+    loss (their generation metrics are computed once, at the end).
+    """
+    if not s.eval_steps:
+        return {}
+    if s.save_steps not in (0, s.eval_steps):
+        raise CLIError("--save-steps must equal --eval-steps (or be 0) so the best evaluation has a checkpoint")
+    metric = resolve_metric(s.task, s.metric, s.eval_generate)
+    if s.task not in ("classification", "regression"):
+        metric = "eval_loss"
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": s.eval_steps,
+        "metric_for_best_model": metric,
+        "greater_is_better": HIGHER_IS_BETTER.get(metric, metric != "eval_loss"),
+    }
 
 
 def _generation_eval(model, tokenizer, eval_df, s: TrainSettings, metrics: dict) -> list[str]:

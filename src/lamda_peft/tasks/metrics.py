@@ -85,6 +85,15 @@ def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str,
     }
 
 
+def trainer_compute_metrics(task: str):
+    """A `Trainer` `compute_metrics` for evaluation during training (classification, regression), else None."""
+    if task == "classification":
+        return lambda p: classification_metrics(p.predictions, p.label_ids)
+    if task == "regression":
+        return lambda p: regression_metrics(p.predictions, p.label_ids)
+    return None
+
+
 def rouge_scores(predictions: list[str], references: list[str], kinds=("rouge1", "rouge2", "rougeL")) -> dict:
     """Mean ROUGE F-measures (rouge-score, Porter stemming as in the summarization papers)."""
     from rouge_score import rouge_scorer
