@@ -172,7 +172,7 @@ def _causal_rows(tokenizer, df, s, source):
     return causal_lm.tokenize_sft(tokenizer, None, df[s.text_column].astype(str).tolist(), s.max_length)
 
 
-def _wrap(model, s: TrainSettings, head: str | None, model_path: str):
+def _wrap(model, s: TrainSettings, head: str | list[str] | None, model_path: str):
     """Apply the adapter method; returns the wrapped model."""
     modules_to_save = ([head] if isinstance(head, str) else list(head)) if head else None
     targets: list[str] | str = (
