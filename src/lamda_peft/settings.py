@@ -21,7 +21,11 @@ def _f(default, help: str, **kw):
 class TrainSettings:
     # what to train
     model: str = _f("minilm", "model: a local folder, a hub id, or a bundled name (minilm, smollm2)")
-    task: str = _f("classification", "task family", choices=["classification", "causal-lm"])
+    task: str = _f(
+        "classification",
+        "task family: classification, regression (one output, MSE), seq2seq (encoder-decoder, e.g. BART/T5), causal-lm",
+        choices=["classification", "regression", "seq2seq", "causal-lm"],
+    )
     data: str | None = _f(
         None,
         "training data: CSV/TSV/JSONL/JSON/Parquet file, a `datasets` folder or hub name, or a bundled "
@@ -32,11 +36,33 @@ class TrainSettings:
     )
     eval_fraction: float = _f(0.2, "fraction of --data held out when there is no separate eval data")
     text_column: str = _f("text", "text column (classification, or plain-text causal-lm); 'a,b' for sentence pairs")
-    label_column: str = _f("label", "label column (integers or strings)")
+    label_column: str = _f("label", "label column (classification: integers or strings; regression: numbers)")
     prompt_column: str = _f(
         "prompt", "causal-lm: prompt column (no loss on it); missing => plain text from --text-column"
     )
     response_column: str = _f("response", "causal-lm: response column (the loss is on these tokens)")
+    source_column: str = _f("document", "seq2seq: input text column")
+    target_column: str = _f("summary", "seq2seq: output text column")
+    max_target_length: int = _f(128, "seq2seq: maximum target tokens in training")
+    # evaluation
+    metric: str = _f(
+        "auto",
+        "headline metric reported as `score` in metrics.json: accuracy, macro_f1, matthews, pearson, spearman, mse, "
+        "rouge1, rouge2, rougeL, exact_match, bleu, perplexity; auto = accuracy / pearson / rougeL / "
+        "exact_match (with --eval-generate) or perplexity",
+    )
+    eval_steps: int = _f(
+        0,
+        "evaluate every N optimizer steps and keep the checkpoint with the best --metric (classification, "
+        "regression; held-out loss for seq2seq/causal-lm), named in metrics.json; 0 = evaluate once at the end",
+    )
+    eval_generate: bool = _f(False, "causal-lm: generate answers for the held-out prompts; exact match, ROUGE-L, BLEU")
+    answer_regex: str = _f(
+        r"####\s*(-?[\d,]*\.?\d+)",
+        "causal-lm --eval-generate: exact match compares the last match (group 1) of this regex (default: GSM8K's #### answer)",
+    )
+    num_beams: int = _f(1, "generation in evaluation (seq2seq, --eval-generate): beam size")
+    max_new_tokens: int = _f(64, "generation in evaluation (seq2seq, --eval-generate): maximum new tokens")
     pooling: str = _f(
         "auto",
         "classification head input: mean pooling, the model's own head, or auto (mean for sentence-transformers)",
@@ -52,7 +78,9 @@ class TrainSettings:
     r: int = _f(16, "adapter rank (LaMDA: the r x r core; LaMDA++: the base rank)")
     alpha: float | None = _f(None, "scaling numerator (scaling = alpha / r); default r")
     targets: str = _f(
-        "all-linear", "target modules: 'all-linear', a comma-separated list of names/suffixes, or a regex"
+        "auto",
+        "target modules: 'auto' (the paper's per-architecture list for BART and DeBERTa-v2/v3, else all-linear), "
+        "'all-linear', a comma-separated list of names/suffixes, or a regex",
     )
     freeze_fraction: float = _f(0.3, "LaMDA: B fully frozen after this fraction of the optimizer steps")
     freeze_order: str = _f(
@@ -105,6 +133,10 @@ class TrainSettings:
             (0 < self.eval_fraction < 1, "eval_fraction must be in (0, 1)"),
             (self.save_steps >= 0, "save_steps must be >= 0"),
             (not self.memory_lean or self.task == "causal-lm", "memory_lean applies to --task causal-lm only"),
+            (self.num_beams >= 1, "num_beams must be >= 1"),
+            (self.eval_steps >= 0, "eval_steps must be >= 0"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.max_target_length >= 1, "max_target_length must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -113,6 +145,12 @@ class TrainSettings:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise CLIError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+        from lamda_peft.tasks.metrics import resolve_metric
+
+        try:
+            resolve_metric(self.task, self.metric, self.eval_generate)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,28 @@ from lamda_peft.layer import is_conv1d
 # sequence-classification head names).
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
+# LaMDA's default targets per architecture (config.model_type), from the paper's setup: encoder
+# self-attention, decoder self- and cross-attention, and the feed-forward layers. Architectures not
+# listed get "all-linear".
+ARCHITECTURE_TARGETS: dict[str, list[str]] = {
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "mbart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "deberta-v2": [
+        "query_proj",
+        "key_proj",
+        "value_proj",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ],
+}
+
+
+def default_targets(model: nn.Module) -> list[str] | str:
+    """The per-architecture target list for `model` (by `config.model_type`), else "all-linear"."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return list(ARCHITECTURE_TARGETS.get(model_type, [])) or "all-linear"
+
 
 def is_linear(module: nn.Module) -> bool:
     """`nn.Linear` or HF `Conv1D` (the two layer types LaMDA adapts)."""
@@ -51,6 +73,8 @@ def find_targets(
             listed name matched a module that is not a Linear/Conv1D.
     """
     target_modules = "all-linear" if target_modules is None else target_modules
+    if target_modules == "auto":
+        target_modules = default_targets(model)
     excluded = set()
     for name in linear_module_names(model):
         if exclude and any(name == e or name.startswith(e + ".") or name.endswith("." + e) for e in exclude):

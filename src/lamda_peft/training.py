@@ -28,13 +28,15 @@ from lamda_peft.integrations.hf_trainer import LamdaCallback, LamdaTrainer, Lean
 from lamda_peft.lean import DEFAULT_CHUNK_TOKENS
 from lamda_peft.model import get_lamda_model
 from lamda_peft.settings import TrainSettings
-from lamda_peft.targets import find_targets
-from lamda_peft.tasks import causal_lm, classification, data
+from lamda_peft.targets import default_targets, find_targets
+from lamda_peft.tasks import causal_lm, classification, data, generation, seq2seq
+from lamda_peft.tasks.metrics import HIGHER_IS_BETTER, regression_metrics, resolve_metric, trainer_compute_metrics
 
 RUN_ARTIFACTS = (
     "adapter",
     "checkpoints",
     "metrics.json",
+    "predictions.jsonl",
     "train_log.jsonl",
     "resolved_config.json",
     "loss.png",
@@ -113,7 +115,9 @@ class ProgressBar(TrainerCallback):
 
 
 def _load_data(s: TrainSettings):
-    default = "drug-reviews" if s.task == "classification" else "humaneval"
+    default = {"classification": "drug-reviews", "causal-lm": "humaneval"}.get(s.task)
+    if not (s.data or default):
+        raise CLIError(f"--task {s.task} has no bundled default data: pass --data FILE")
     source = s.data or default
     if source in data.BUNDLED:
         train_df, eval_df = data.bundled(source)
@@ -121,9 +125,14 @@ def _load_data(s: TrainSettings):
         train_df, eval_df = data.load_table(source), None
     if s.eval_data:
         eval_df = data.bundled(s.eval_data)[0] if s.eval_data in data.BUNDLED else data.load_table(s.eval_data)
-    if s.task == "classification":  # check the columns and labels before anything else uses them
+    if s.task in ("classification", "regression"):  # check the columns and labels before anything else uses them
         data.require_columns(train_df, _text_columns(s) + [s.label_column], source)
-        data.class_labels(train_df[s.label_column], source, s.label_column)
+        if s.task == "classification":
+            data.class_labels(train_df[s.label_column], source, s.label_column)
+        else:
+            data.regression_labels(train_df[s.label_column], source, s.label_column)
+    elif s.task == "seq2seq":
+        data.require_columns(train_df, [s.source_column, s.target_column], source)
     if eval_df is None:
         train_df, eval_df = data.split_heldout(train_df, s.eval_fraction, s.seed)
     if s.max_train_rows:
@@ -145,7 +154,10 @@ def _classification_rows(tokenizer, df, s, label_index, source):
     data.require_columns(df, cols + [s.label_column], source)
     texts = [df[c].astype(str).tolist() for c in cols]
     enc = tokenizer(*texts, truncation=True, max_length=s.max_length)
-    labels = [label_index[v if isinstance(v, str) else int(v)] for v in df[s.label_column].tolist()]
+    if label_index is None:  # regression
+        labels = data.regression_labels(df[s.label_column], source, s.label_column)
+    else:
+        labels = [label_index[v if isinstance(v, str) else int(v)] for v in df[s.label_column].tolist()]
     return [{**{k: enc[k][i] for k in enc}, "labels": labels[i]} for i in range(len(df))]
 
 
@@ -161,11 +173,13 @@ def _causal_rows(tokenizer, df, s, source):
     return causal_lm.tokenize_sft(tokenizer, None, df[s.text_column].astype(str).tolist(), s.max_length)
 
 
-def _wrap(model, s: TrainSettings, head: str | None, model_path: str):
+def _wrap(model, s: TrainSettings, head: str | list[str] | None, model_path: str):
     """Apply the adapter method; returns the wrapped model."""
-    modules_to_save = [head] if head else None
+    modules_to_save = ([head] if isinstance(head, str) else list(head)) if head else None
     targets: list[str] | str = (
-        s.targets
+        default_targets(model)
+        if s.targets == "auto"
+        else s.targets
         if s.targets == "all-linear"
         else ([t.strip() for t in s.targets.split(",")] if "," in s.targets or s.targets.isidentifier() else s.targets)
     )
@@ -232,11 +246,39 @@ def run_training(s: TrainSettings) -> dict:
         if resume is None or not resume.is_dir():
             raise CLIError(f"no checkpoint to resume from ({s.resume!r} in {out / 'checkpoints'})")
     model_path = resolve_model_path(s.model)
+    if s.task == "seq2seq":
+        try:
+            seq2seq.check_encoder_decoder(model_path)
+        except seq2seq.Seq2SeqError as err:
+            raise CLIError(str(err)) from None
     source, train_df, eval_df = _load_data(s)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_path)
     torch.manual_seed(s.seed)
     metrics: dict = {"task": s.task, "method": s.method, "model": s.model, "data": source}
-    if s.task == "classification":
+    eval_source = s.eval_data or source
+    if s.task == "regression":
+        data.require_columns(eval_df, _text_columns(s) + [s.label_column], eval_source)
+        train_rows = _classification_rows(tokenizer, train_df, s, None, source)
+        eval_rows = _classification_rows(tokenizer, eval_df, s, None, eval_source)
+        base, head = _from_pretrained(classification.build_classifier, model_path, 1, s.pooling)
+        collator = DataCollatorWithPadding(tokenizer)
+    elif s.task == "seq2seq":
+        from transformers import AutoModelForSeq2SeqLM
+
+        data.require_columns(eval_df, [s.source_column, s.target_column], eval_source)
+        train_rows, eval_rows = (
+            seq2seq.tokenize_pairs(
+                tokenizer,
+                df[s.source_column].astype(str).tolist(),
+                df[s.target_column].astype(str).tolist(),
+                s.max_length,
+                s.max_target_length,
+            )
+            for df in (train_df, eval_df)
+        )
+        base, head = _from_pretrained(AutoModelForSeq2SeqLM.from_pretrained, model_path, dtype=torch.float32), None
+        collator = seq2seq.Seq2SeqCollator(tokenizer.pad_token_id)
+    elif s.task == "classification":
         data.require_columns(train_df, _text_columns(s) + [s.label_column], source)
         data.require_columns(eval_df, _text_columns(s) + [s.label_column], s.eval_data or source)
         label_names = data.class_labels(train_df[s.label_column], source, s.label_column)
@@ -256,6 +298,8 @@ def run_training(s: TrainSettings) -> dict:
 
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if s.eval_generate:
+            data.require_columns(eval_df, [s.prompt_column, s.response_column], eval_source)
         train_rows = _causal_rows(tokenizer, train_df, s, source)
         eval_rows = _causal_rows(tokenizer, eval_df, s, s.eval_data or source)
         base, head = _from_pretrained(AutoModelForCausalLM.from_pretrained, model_path, dtype=torch.float32), None
@@ -288,8 +332,8 @@ def run_training(s: TrainSettings) -> dict:
         bf16=s.bf16,
         logging_steps=1,
         logging_nan_inf_filter=False,  # a NaN loss must reach the log (and FaultGuard), not be averaged away
-        save_strategy="steps" if s.save_steps else "epoch",
-        save_steps=s.save_steps or 500,
+        save_strategy="steps" if s.save_steps or s.eval_steps else "epoch",
+        save_steps=s.save_steps or s.eval_steps or 500,
         save_total_limit=3,
         report_to="none",
         disable_tqdm=True,
@@ -298,6 +342,7 @@ def run_training(s: TrainSettings) -> dict:
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         **checkpointing,
+        **_best_model_args(s),
     )
     optimizers = (None, None)
     if is_lamda:
@@ -312,6 +357,7 @@ def run_training(s: TrainSettings) -> dict:
         eval_dataset=eval_rows,
         data_collator=collator,
         optimizers=optimizers,
+        compute_metrics=trainer_compute_metrics(s.task) if s.eval_steps else None,
     )
     lamda_cb = trainer.lamda_callback if isinstance(trainer, LamdaTrainer) else None
     guard = FaultGuard() if is_lamda else None  # stop on NaN/Inf; save and stop on SIGTERM/SIGINT
@@ -320,23 +366,42 @@ def run_training(s: TrainSettings) -> dict:
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dict per step
     if not s.quiet:
         trainer.add_callback(ProgressBar(lamda_cb, lambda: count_trainable(model)))
-    if s.task == "causal-lm":
+    if s.task in ("causal-lm", "seq2seq"):
         before = trainer.evaluate()["eval_loss"]
         metrics.update(eval_loss_before=before, perplexity_before=causal_lm.perplexity(before))
+        if not resume:  # generation scores of the untrained adapter (it starts as the base model's function)
+            scores: dict = {}
+            _generation_eval(model, tokenizer, eval_df, s, scores)
+            metrics.update({f"{k}_before": v for k, v in scores.items()})
     trainable_start = count_trainable(model)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if guard is not None and (message := stop_message(guard, latest_checkpoint(out))):
         raise CLIError(message)  # not finished: no adapter/ and no metrics.json are written
     # Evaluation
+    predictions: list[str] = []  # generated texts (seq2seq, causal-lm --eval-generate)
     if s.task == "classification":
         pred = trainer.predict(eval_rows)
         labels = np.asarray([r["labels"] for r in eval_rows])
         metrics.update(classification.classification_metrics(pred.predictions, labels))
         metrics["majority_baseline"] = classification.majority_baseline(labels)
         metrics["eval_loss"] = float(pred.metrics.get("test_loss", float("nan")))
+    elif s.task == "regression":
+        pred = trainer.predict(eval_rows)
+        metrics.update(regression_metrics(pred.predictions, np.asarray([r["labels"] for r in eval_rows])))
+        metrics["eval_loss"] = float(pred.metrics.get("test_loss", float("nan")))
     else:
         after = trainer.evaluate()["eval_loss"]
         metrics.update(eval_loss=after, perplexity=causal_lm.perplexity(after))
+        predictions = _generation_eval(model, tokenizer, eval_df, s, metrics)
+    metric = resolve_metric(s.task, s.metric, s.eval_generate)
+    metrics.update(metric=metric, score=metrics[metric], higher_is_better=HIGHER_IS_BETTER.get(metric, True))
+    if s.eval_steps:
+        metrics.update(
+            best_checkpoint=trainer.state.best_model_checkpoint,
+            best_step=trainer.state.best_global_step,
+            best_metric=trainer.args.metric_for_best_model,
+            best_value=trainer.state.best_metric,
+        )
     history = lamda_cb.history if lamda_cb else [(0, trainable_start)]
     metrics.update(
         trainable_params_start=trainable_start,
@@ -354,8 +419,56 @@ def run_training(s: TrainSettings) -> dict:
         processes=trainer.args.world_size,
     )
     if trainer.is_world_process_zero():  # one writer under `accelerate launch`
+        if predictions:
+            rows = [json.dumps({"prediction": p}) for p in predictions]
+            atomic_write_bytes(out / "predictions.jsonl", ("\n".join(rows) + "\n").encode())
         _write_outputs(out, s, model, trainer, history, metrics)
     return metrics
+
+
+def _best_model_args(s: TrainSettings) -> dict:
+    """TrainingArguments for --eval-steps: evaluate every N steps, track the best checkpoint by --metric.
+
+    Classification and regression track --metric itself; seq2seq and causal-lm track the held-out
+    loss (their generation metrics are computed once, at the end).
+    """
+    if not s.eval_steps:
+        return {}
+    if s.save_steps not in (0, s.eval_steps):
+        raise CLIError("--save-steps must equal --eval-steps (or be 0) so the best evaluation has a checkpoint")
+    metric = resolve_metric(s.task, s.metric, s.eval_generate)
+    if s.task not in ("classification", "regression"):
+        metric = "eval_loss"
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": s.eval_steps,
+        "metric_for_best_model": metric,
+        "greater_is_better": HIGHER_IS_BETTER.get(metric, metric != "eval_loss"),
+    }
+
+
+def _generation_eval(model, tokenizer, eval_df, s: TrainSettings, metrics: dict) -> list[str]:
+    """Seq2seq ROUGE, or causal-LM --eval-generate scores, added to `metrics`; the generated texts."""
+    if s.task == "seq2seq":
+        scores, predictions = seq2seq.evaluate(
+            model,
+            tokenizer,
+            eval_df[s.source_column].astype(str).tolist(),
+            eval_df[s.target_column].astype(str).tolist(),
+            s,
+        )
+    elif s.eval_generate:
+        scores, predictions = generation.evaluate(
+            model,
+            tokenizer,
+            eval_df[s.prompt_column].astype(str).tolist(),
+            eval_df[s.response_column].astype(str).tolist(),
+            s,
+        )
+    else:
+        return []
+    metrics.update(scores)
+    return predictions
 
 
 def _write_outputs(out: Path, s: TrainSettings, model, trainer, history, metrics) -> None:

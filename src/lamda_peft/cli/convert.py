@@ -47,12 +47,17 @@ def load_run(path: str, model: str | None = None):
         raise CLIError(f"{path} is a PEFT LoRA run: use peft's merge_and_unload directly")
     model_path = resolve_model_path(model or s.model)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_path)
-    if s.task == "classification":
+    if s.task in ("classification", "regression"):
         from lamda_peft.tasks.classification import build_classifier
 
         metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-        n_labels = len(metrics.get("labels", [])) or _n_labels_from_adapter(adapter)
+        n_labels = 1 if s.task == "regression" else len(metrics.get("labels", [])) or _n_labels_from_adapter(adapter)
         base, _ = build_classifier(model_path, n_labels, s.pooling)
+    elif s.task == "seq2seq":
+        import torch
+        from transformers import AutoModelForSeq2SeqLM
+
+        base = _from_pretrained(AutoModelForSeq2SeqLM.from_pretrained, model_path, dtype=torch.float32)
     else:
         import torch
         from transformers import AutoModelForCausalLM

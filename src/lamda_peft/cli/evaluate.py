@@ -43,6 +43,22 @@ def run(args: argparse.Namespace) -> int:
             ]
             labels = np.asarray([r["labels"] for r in rows])
             results = classification.classification_metrics(torch.cat(logits).numpy(), labels)
+        elif s.task == "regression":
+            from lamda_peft.tasks.metrics import regression_metrics
+
+            rows = _classification_rows(tokenizer, eval_df, s, None, s.eval_data or s.data)
+            collate = DataCollatorWithPadding(tokenizer)
+            preds = [
+                model(**{k: v for k, v in collate(rows[i : i + 32]).items() if k != "labels"}).logits
+                for i in range(0, len(rows), 32)
+            ]
+            results = regression_metrics(torch.cat(preds).numpy(), np.asarray([r["labels"] for r in rows]))
+        elif s.task == "seq2seq":
+            from lamda_peft.tasks import seq2seq
+
+            rows = eval_df
+            sources = eval_df[s.source_column].astype(str).tolist()
+            results, _ = seq2seq.evaluate(model, tokenizer, sources, eval_df[s.target_column].astype(str).tolist(), s)
         else:
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token

@@ -14,11 +14,16 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="fine-tune a model (default: LaMDA on the bundled MiniLM + drug reviews)",
-        description="Fine-tune with LaMDA, LaMDA++ or PEFT LoRA. Precedence: defaults < --config file < flags.",
+        description="Fine-tune with LaMDA, LaMDA++ or PEFT LoRA. Precedence: defaults < --recipe < --config file < flags.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--config", help="YAML or JSON file with any of the options below (same names)", default=argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--recipe",
+        help="a shipped recipe for one of the paper's experiments (`lamda-peft recipes` lists them)",
+        default=argparse.SUPPRESS,
     )
     for f in dataclasses.fields(TrainSettings):
         flag = "--" + f.name.replace("_", "-")
@@ -45,6 +50,14 @@ def _type_of(f: dataclasses.Field):
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     values = {}
+    if getattr(args, "recipe", None):
+        from lamda_peft.cli import CLIError
+        from lamda_peft.recipes import recipe_path
+
+        try:
+            values.update(load_settings_file(recipe_path(args.recipe)))
+        except KeyError as err:
+            raise CLIError(err.args[0]) from None
     if getattr(args, "config", None):
         values.update(load_settings_file(args.config))
     names = {f.name for f in dataclasses.fields(TrainSettings)}
@@ -65,6 +78,18 @@ def run(args: argparse.Namespace) -> int:
         "accuracy",
         "macro_f1",
         "majority_baseline",
+        "matthews",
+        "pearson",
+        "spearman",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "exact_match_before",
+        "exact_match",
+        "rougeL_before",
+        "bleu",
+        "metric",
+        "score",
         "eval_loss_before",
         "eval_loss",
         "perplexity_before",

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
+
+HEAD_NAMES = ("classifier", "score", "classification_head")
 
 
 class MeanPoolClassifier(nn.Module):
@@ -40,7 +41,13 @@ class MeanPoolClassifier(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, s, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (b, h)
         logits = self.classifier(pooled)  # (b, num_labels)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:  # one output = regression (MSE on float labels), as in transformers' heads
+            loss = (
+                nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+                if self.num_labels == 1
+                else nn.functional.cross_entropy(logits, labels)
+            )
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
@@ -54,8 +61,11 @@ def is_sentence_transformer(folder: str | Path) -> bool:
 
 def build_classifier(
     model_path: str | Path, num_labels: int, pooling: str = "auto", dtype=torch.float32
-) -> tuple[nn.Module, str]:
-    """(model, head name to train and save) for `num_labels` classes.
+) -> tuple[nn.Module, str | list[str]]:
+    """(model, head name(s) to train and save) for `num_labels` classes (1 = regression, MSE loss).
+
+    With the model's own head, every top-level module the checkpoint lacks (so randomly
+    initialised, like DeBERTa-v3's pooler) is returned with the head: [head, *others].
 
     pooling: "mean" (MeanPoolClassifier), "model" (AutoModelForSequenceClassification's own head)
     or "auto" (mean for sentence-transformers folders).
@@ -71,23 +81,26 @@ def build_classifier(
         return MeanPoolClassifier(encoder, num_labels), "classifier"
     if pooling != "model":
         raise ValueError(f"pooling must be 'auto', 'mean' or 'model', got {pooling!r}")
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, dtype=dtype)
-    head = next((n for n in ("classifier", "score") if hasattr(model, n)), None)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=num_labels, dtype=dtype, output_loading_info=True
+    )
+    head = next((n for n in HEAD_NAMES if hasattr(model, n)), None)
     if head is None:
         raise ValueError(
-            f"cannot find the classification head of {type(model).__name__} (looked for classifier, score)"
+            f"cannot find the classification head of {type(model).__name__} (looked for {', '.join(HEAD_NAMES)})"
         )
-    return model, head
+    # Other top-level modules the checkpoint did not hold are random too (DeBERTa-v3's ContextPooler):
+    # they must train and be saved with the head, or they would stay random and frozen.
+    fresh = sorted({k.split(".")[0] for k in info["missing_keys"]} - {head, getattr(model, "base_model_prefix", "")})
+    fresh = [n for n in fresh if isinstance(getattr(model, n, None), nn.Module)]
+    return model, [head, *fresh] if fresh else head
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """accuracy, macro-F1 and Matthews correlation (scikit-learn)."""
-    pred = logits.argmax(-1)
-    return {
-        "accuracy": float(accuracy_score(labels, pred)),
-        "macro_f1": float(f1_score(labels, pred, average="macro")),
-        "matthews": float(matthews_corrcoef(labels, pred)),
-    }
+    """accuracy, macro-F1 and Matthews correlation (see `lamda_peft.tasks.metrics`)."""
+    from lamda_peft.tasks.metrics import classification_metrics as _metrics
+
+    return _metrics(logits, labels)
 
 
 def majority_baseline(labels: np.ndarray) -> float:

@@ -23,7 +23,10 @@ class DataError(ValueError):
 
 
 def load_table(source: str) -> pd.DataFrame:
-    """A table from a CSV/TSV/JSONL/JSON/Parquet file, a `datasets` folder, or a hub dataset name."""
+    """A table from a CSV/TSV/JSONL/JSON/Parquet file, a `datasets` folder, or a hub dataset.
+
+    A hub dataset is `NAME[:CONFIG][@SPLIT]` (split default: train), e.g. `nyu-mll/glue:sst2@validation`.
+    """
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -60,12 +63,13 @@ def load_table(source: str) -> pd.DataFrame:
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         df = ds.to_pandas()
     else:
-        if "/" not in source and not source.replace("-", "").replace("_", "").isalnum():
+        name, config, split = parse_hub_spec(source)
+        if "/" not in name and not name.replace("-", "").replace("_", "").isalnum():
             raise DataError(f"data {source!r} is not a file, a folder or a dataset name")
         import datasets
 
         try:
-            df = datasets.load_dataset(source, split="train").to_pandas()
+            df = datasets.load_dataset(name, config, split=split).to_pandas()
         except Exception as err:
             raise DataError(
                 f"data {source!r} is not a local file or folder, and loading it from the Hugging Face hub failed "
@@ -74,6 +78,16 @@ def load_table(source: str) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError(f"{source}: the data is empty (0 rows)")
     return df
+
+
+def parse_hub_spec(source: str) -> tuple[str, str | None, str]:
+    """`NAME[:CONFIG][@SPLIT]` -> (name, config or None, split, default "train").
+
+    For example `nyu-mll/glue:cola@validation` or `openai/gsm8k:main@test`.
+    """
+    name, _, split = source.partition("@")
+    name, _, config = name.partition(":")
+    return name, config or None, split or "train"
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], source: str) -> None:
@@ -119,3 +133,21 @@ def class_labels(values: pd.Series, source: str, column: str) -> list:
     if len(labels) < 2:
         raise DataError(f"{source}: label column {column!r} has a single class {labels}; need at least 2")
     return labels
+
+
+def regression_labels(values: pd.Series, source: str, column: str) -> list[float]:
+    """The label column as floats; the first row that is not a finite number is named."""
+    import math
+
+    out = []
+    for i, v in enumerate(values.tolist()):
+        try:
+            x = float(v) if not isinstance(v, bool) else None
+        except (TypeError, ValueError):
+            x = None
+        if x is None or not math.isfinite(x):
+            raise DataError(
+                f"{source}: label column {column!r} row {i} holds {v!r}; regression labels must be finite numbers"
+            )
+        out.append(x)
+    return out

@@ -1,0 +1,56 @@
+"""Generation-based evaluation of causal LMs (`--eval-generate`): answers to held-out prompts.
+
+Each prompt is left-padded (so generation continues right after it), the model generates up to
+`max_new_tokens` (greedy or beam search), and the continuation is scored against the response
+column: exact match after answer extraction (GSM8K's `#### <number>` by default, `--answer-regex`),
+ROUGE-L and corpus BLEU for free text.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lamda_peft.tasks.metrics import bleu, exact_match, rouge_scores
+
+
+@torch.no_grad()
+def generate_continuations(
+    model, tokenizer, prompts: list[str], max_length: int, num_beams: int, max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
+    """The text each prompt is continued with (prompt tokens removed)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right: prompts must end there
+    outputs = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(
+                prompts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            ).to(device)
+            ids = model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = ids[:, enc["input_ids"].shape[1] :]  # (batch, new tokens)
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+def evaluate(model, tokenizer, prompts: list[str], references: list[str], s) -> tuple[dict, list[str]]:
+    """({exact_match, rougeL, bleu}, generated continuations) for held-out prompt/response pairs."""
+    predictions = generate_continuations(model, tokenizer, prompts, s.max_length, s.num_beams, s.max_new_tokens)
+    metrics = {
+        "exact_match": exact_match(predictions, references, s.answer_regex or None),
+        "rougeL": rouge_scores(predictions, references, kinds=("rougeL",))["rougeL"],
+        "bleu": bleu(predictions, references),
+    }
+    return metrics, predictions
