@@ -233,3 +233,11 @@ def test_unknown_architecture_is_refused(tiny_gpt2_model=None):
         make_recursive(tiny_gpt2(), unique_layers=1)
     with pytest.raises(RecursiveError, match="already recursive"):
         make_recursive(make_recursive(tiny_decoder(), 2), 2)
+
+
+def test_a_position_equal_to_its_shared_layer_gets_a_trainable_zero_relaxation():
+    rec = make_recursive(tiny_decoder(), unique_layers=2, init="lower", relax_rank=3).train()
+    q = decoder_layers(rec)[0].self_attn.q_proj  # position 0 IS shared layer 0: residual 0
+    assert torch.count_nonzero(q.B0) == 0 and torch.count_nonzero(q.A) > 0
+    rec(input_ids=IDS, labels=IDS).loss.backward()
+    assert torch.count_nonzero(q.dB.grad) > 0

@@ -31,8 +31,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import Trainer, TrainerCallback
 
+from lamda_peft.config import ConfigError
+from lamda_peft.integrations.hf_trainer import unwrap
 from lamda_peft.layer import LamdaLinear
+from lamda_peft.schedule import FreezeSchedule
 from lamda_peft.spectral import SpectralFactors, spectral_factors
 
 INITS = ("stepwise", "average", "lower")
@@ -42,8 +46,11 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT = "lamda-peft-recursive/1"
 
 
-class RecursiveError(ValueError):
-    """The model or the options cannot make a recursive model; nothing was modified."""
+class RecursiveError(ConfigError):
+    """The model or the options cannot make a recursive model; nothing was modified.
+
+    A `ConfigError`, so that the CLI prints it as one line instead of a traceback.
+    """
 
 
 @dataclass
@@ -172,7 +179,7 @@ def make_recursive(
     relax_rank: int = 0,
     relax: str = "lamda",
     freeze_shared: bool = False,
-    svd_method: str = "full",
+    svd_method: str = "auto",
 ) -> nn.Module:
     """Turn a pretrained decoder into a relaxed recursive one, in place; returns the model.
 
@@ -184,7 +191,9 @@ def make_recursive(
             capped there (recorded in `model.recursive_config.capped`).
         relax: "lamda" (LaMDA adapter on the residual: A frozen, S = I and B trainable) or "lora".
         freeze_shared: keep the shared weights out of training (requires_grad False).
-        svd_method: `top_r_svd` method ("full" is exact float64; "auto" may sketch big matrices).
+        svd_method: "full" (exact float64 SVD), "lowrank" (seeded randomised float32) or "auto": the
+            randomised one when 4 r < min(d_in, d_out) (a 576 x 1536 full SVD per position is what
+            dominates converting SmolLM2), the exact one otherwise (so full rank stays exact).
 
     Returns:
         The same model object; `model.recursive_config` (a `RecursiveConfig`) says what was done.
@@ -215,7 +224,18 @@ def make_recursive(
 
     def factors(position: int, name: str) -> SpectralFactors:
         residual = originals[position][name] - shared[config.shared_index(position)][name]
-        return spectral_factors(residual, config.ranks[name], dtype=residual.dtype, method=svd_method)
+        r = config.ranks[name]
+        if not bool(residual.any()):
+            # The position whose weights ARE the shared ones (stepwise/lower): the SVD gives A = B = 0,
+            # and a path with A = 0 never gets a gradient. Standard LoRA-style start instead: a seeded
+            # orthonormal A, B = 0 (same zero output, but B can learn).
+            gen = torch.Generator().manual_seed(position * 1000 + len(name))
+            q, _ = torch.linalg.qr(torch.randn(residual.shape[1], r, generator=gen, dtype=torch.float64))
+            A = q.T.to(residual.dtype).contiguous()  # (r, d_in), orthonormal rows
+            zeros = torch.zeros(residual.shape[0], r, dtype=residual.dtype)
+            return SpectralFactors(A, zeros, torch.eye(r, dtype=residual.dtype), torch.zeros(r, dtype=residual.dtype))
+        extra = {"full_max_dim": 0} if svd_method == "auto" else {}
+        return spectral_factors(residual, r, dtype=residual.dtype, method=svd_method, **extra)
 
     _install(model, layers, config, shared, factors)
     set_shared_trainable(model, not freeze_shared)
@@ -331,13 +351,33 @@ def save_recursive(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+def load_recursive_state(model: nn.Module, directory: str | Path) -> None:
+    """Load a `save_recursive` weights file into a recursive model of the same structure (in place).
+
+    Aliases (the shared tensors' other names, tied embeddings) are absent from the file by design:
+    loading the stored name fills every alias because they are one Parameter.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise RecursiveError(f"{path} does not exist")
+    _, aliases = _deduplicated_state(model)
+    result = model.load_state_dict(load_file(str(path)), strict=False)
+    missing = set(result.missing_keys) - set(aliases)
+    if missing or result.unexpected_keys:
+        raise RecursiveError(
+            f"{path} does not match this model's structure: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}"
+        )
+
+
 def is_recursive_folder(path: str | Path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
 def load_recursive(directory: str | Path) -> nn.Module:
     """Rebuild a model written by `save_recursive`: same structure, bitwise the same tensors, no SVD."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -348,7 +388,7 @@ def load_recursive(directory: str | Path) -> nn.Module:
         body = json.loads(path.read_text())
         if body.pop("format", None) != FORMAT:
             raise ValueError(f"format is not {FORMAT}")
-        aliases = body.pop("aliases")
+        body.pop("aliases")
         config = RecursiveConfig(**body)
     except (ValueError, TypeError, KeyError) as err:
         raise RecursiveError(f"{path} is not a valid recursive config ({err})") from None
@@ -370,14 +410,46 @@ def load_recursive(directory: str | Path) -> nn.Module:
         )
 
     _install(model, layers, config, shared, placeholder)
-    tensors = load_file(str(directory / WEIGHTS_NAME))
-    result = model.load_state_dict(tensors, strict=False)
-    expected_missing = set(aliases)
-    missing = set(result.missing_keys) - expected_missing
-    if missing or result.unexpected_keys:
-        raise RecursiveError(
-            f"{directory / WEIGHTS_NAME} does not match the recorded structure: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]}"
-        )
+    load_recursive_state(model, directory)
     set_shared_trainable(model, True)  # as make_recursive leaves it; training decides what to freeze
     return model.eval()
+
+
+# -- uptraining --------------------------------------------------------------------------------
+def prepare_uptraining(model: nn.Module, method: str, freeze_shared: bool) -> nn.Module:
+    """Make a recursive model trainable for `lamda-peft train`: every unique Parameter trains
+    (shared weights, relaxations, per-position norms and biases, embeddings), except the shared
+    weights with `freeze_shared`."""
+    if method != "full":
+        raise RecursiveError(
+            f"a recursive model folder is uptrained with --method full (its relaxations are part of the model), got --method {method}"
+        )
+    model.requires_grad_(True)
+    for m in relaxations(model):
+        if isinstance(m, LamdaLinear):
+            m.sync_frozen_state()  # a fully frozen B (resumed) stays out of training
+    set_shared_trainable(model, not freeze_shared)
+    return model
+
+
+class RelaxationFreeze(TrainerCallback):
+    """Drives LaMDA's B freeze (SPEC section 3) on `relax="lamda"` relaxations during uptraining."""
+
+    def __init__(self, freeze_fraction: float) -> None:
+        self.freeze_fraction = freeze_fraction
+        self.schedule: FreezeSchedule | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        layers = [m for m in relaxations(unwrap(model)) if isinstance(m, LamdaLinear)]
+        if layers and optimizer is not None:
+            self.schedule = FreezeSchedule(layers, optimizer, state.max_steps, self.freeze_fraction)
+
+
+class RecursiveTrainer(Trainer):
+    """`Trainer` whose checkpoints store each shared tensor once (`save_recursive`)."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        save_recursive(unwrap(self.model), output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        load_recursive_state(unwrap(model or self.model), resume_from_checkpoint)

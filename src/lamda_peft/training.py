@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from lamda_peft import assets
+from lamda_peft import assets, recursive
 from lamda_peft.checkpoint import atomic_write_bytes, load_adapter_state
 from lamda_peft.cli import CLIError
 from lamda_peft.config import LamdaConfig
@@ -32,6 +32,7 @@ from lamda_peft.tasks import causal_lm, classification, data
 
 RUN_ARTIFACTS = (
     "adapter",
+    "model",
     "checkpoints",
     "metrics.json",
     "train_log.jsonl",
@@ -257,11 +258,19 @@ def run_training(s: TrainSettings) -> dict:
             tokenizer.pad_token = tokenizer.eos_token
         train_rows = _causal_rows(tokenizer, train_df, s, source)
         eval_rows = _causal_rows(tokenizer, eval_df, s, s.eval_data or source)
-        base, head = _from_pretrained(AutoModelForCausalLM.from_pretrained, model_path, dtype=torch.float32), None
+        if recursive.is_recursive_folder(model_path):  # written by `lamda-peft recursive --output`
+            base, head = recursive.load_recursive(model_path), None
+        else:
+            base, head = _from_pretrained(AutoModelForCausalLM.from_pretrained, model_path, dtype=torch.float32), None
         collator = causal_lm.SFTCollator(tokenizer.pad_token_id)
     if not train_rows or not eval_rows:
         raise CLIError(f"no usable rows after tokenization (train {len(train_rows)}, held-out {len(eval_rows)})")
-    model = _wrap(base, s, head, model_path)
+    is_recursive = getattr(base, "recursive_config", None) is not None
+    model = (
+        recursive.prepare_uptraining(base, s.method, s.freeze_shared)
+        if is_recursive
+        else _wrap(base, s, head, model_path)
+    )
     is_lamda = s.method in ("lamda", "lamda++")
     if resume is not None and is_lamda:
         load_adapter_state(model, resume)  # before the optimizer exists: a frozen B must not enter it
@@ -296,12 +305,13 @@ def run_training(s: TrainSettings) -> dict:
         label_names=["labels"],
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
         **checkpointing,
     )
     optimizers = (None, None)
     if is_lamda:
         optimizers = (torch.optim.AdamW(model.lamda_param_groups(s.lr, s.weight_decay, head_lr=s.head_lr)), None)
-    trainer_cls = LamdaTrainer if is_lamda else Trainer
+    trainer_cls = LamdaTrainer if is_lamda else recursive.RecursiveTrainer if is_recursive else Trainer
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -321,7 +331,9 @@ def run_training(s: TrainSettings) -> dict:
         before = trainer.evaluate()["eval_loss"]
         metrics.update(eval_loss_before=before, perplexity_before=causal_lm.perplexity(before))
     trainable_start = count_trainable(model)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if is_recursive:
+        trainer.add_callback(recursive.RelaxationFreeze(s.freeze_fraction))
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if guard is not None and (message := stop_message(guard, latest_checkpoint(out))):
         raise CLIError(message)  # not finished: no adapter/ and no metrics.json are written
     # Evaluation
@@ -348,6 +360,7 @@ def run_training(s: TrainSettings) -> dict:
         peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         wall_time_s=time.time() - start,
         torch_threads=torch.get_num_threads(),
+        train_tokens_per_s=trainer.state.num_input_tokens_seen / max(train_output.metrics["train_runtime"], 1e-9),
     )
     _write_outputs(out, s, model, trainer, history, metrics)
     return metrics
@@ -355,7 +368,9 @@ def run_training(s: TrainSettings) -> dict:
 
 def _write_outputs(out: Path, s: TrainSettings, model, trainer, history, metrics) -> None:
     adapter_dir = out / "adapter"
-    if hasattr(model, "save_pretrained"):
+    if getattr(model, "recursive_config", None) is not None:
+        recursive.save_recursive(model, out / "model")  # the whole model; shared weights once
+    elif hasattr(model, "save_pretrained"):
         model.save_pretrained(adapter_dir)
     atomic_write_bytes(out / "resolved_config.json", (json.dumps(s.to_dict(), indent=2) + "\n").encode())
     log = [json.dumps(row) for row in trainer.state.log_history]

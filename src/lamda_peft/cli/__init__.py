@@ -7,6 +7,7 @@
 | merge        | convert.py     | fold an adapter into a plain transformers folder    |
 | export-lora  | convert.py     | write a PEFT LoRA adapter folder                    |
 | ranks        | ranks.py       | LaMDA++ energy scores and allocated ranks           |
+| recursive    | recursive.py   | relaxed recursive model: tie layers, relax, report  |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SUBCOMMANDS = [
     ("merge", "lamda_peft.cli.convert"),
     ("export-lora", "lamda_peft.cli.convert"),
     ("ranks", "lamda_peft.cli.ranks"),
+    ("recursive", "lamda_peft.cli.recursive"),
 ]
 
 
