@@ -241,3 +241,28 @@ def test_a_position_equal_to_its_shared_layer_gets_a_trainable_zero_relaxation()
     assert torch.count_nonzero(q.B0) == 0 and torch.count_nonzero(q.A) > 0
     rec(input_ids=IDS, labels=IDS).loss.backward()
     assert torch.count_nonzero(q.dB.grad) > 0
+
+
+@pytest.mark.slow
+def test_smollm2_tied_models_order_as_the_paper_says():
+    """Real weights: full < average-init strict < stepwise strict on held-out text; shared storage."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lamda_peft import assets
+    from lamda_peft.cli.recursive import heldout_loss, heldout_texts
+
+    path = assets.smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    texts = heldout_texts("drug-reviews", 8)
+    full = heldout_loss(base, tokenizer, texts, 64)
+    full_count = parameter_counts(base)["unique"]
+    average = make_recursive(copy.deepcopy(base), 15, init="average")
+    avg_loss = heldout_loss(average, tokenizer, texts, 64)
+    stepwise = make_recursive(base, 15, init="stepwise")
+    step_loss = heldout_loss(stepwise, tokenizer, texts, 64)
+    assert full < 5 < avg_loss < step_loss
+    layers = decoder_layers(stepwise)
+    assert layers[3].mlp.up_proj.weight is layers[18].mlp.up_proj.weight
+    per_layer = sum(m.weight.numel() for m in layer_linears(layers[0]).values())
+    assert parameter_counts(stepwise)["unique"] == full_count - 15 * per_layer

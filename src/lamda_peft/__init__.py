@@ -15,6 +15,7 @@ from lamda_peft.integrations.peft_registration import PeftIntegrationError, regi
 from lamda_peft.integrations.peft_training import attach_optimizer
 from lamda_peft.layer import LamdaLinear, delta_weight
 from lamda_peft.model import LamdaModel, get_lamda_model
+from lamda_peft.recursive import load_recursive, make_recursive, save_recursive
 from lamda_peft.schedule import FreezeSchedule, freeze_steps, frozen_count
 
 # LaMDA becomes a PEFT method on import (peft.get_peft_model, PeftModel.from_pretrained, load_adapter);
@@ -36,5 +37,8 @@ __all__ = [
     "freeze_steps",
     "frozen_count",
     "get_lamda_model",
+    "load_recursive",
+    "make_recursive",
     "register_with_peft",
+    "save_recursive",
 ]

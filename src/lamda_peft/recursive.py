@@ -31,12 +31,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
 
 from lamda_peft.config import ConfigError
-from lamda_peft.integrations.hf_trainer import unwrap
 from lamda_peft.layer import LamdaLinear
-from lamda_peft.schedule import FreezeSchedule
 from lamda_peft.spectral import SpectralFactors, spectral_factors
 
 INITS = ("stepwise", "average", "lower")
@@ -179,7 +176,7 @@ def make_recursive(
     relax_rank: int = 0,
     relax: str = "lamda",
     freeze_shared: bool = False,
-    svd_method: str = "auto",
+    svd_method: str = "full",
 ) -> nn.Module:
     """Turn a pretrained decoder into a relaxed recursive one, in place; returns the model.
 
@@ -191,9 +188,11 @@ def make_recursive(
             capped there (recorded in `model.recursive_config.capped`).
         relax: "lamda" (LaMDA adapter on the residual: A frozen, S = I and B trainable) or "lora".
         freeze_shared: keep the shared weights out of training (requires_grad False).
-        svd_method: "full" (exact float64 SVD), "lowrank" (seeded randomised float32) or "auto": the
-            randomised one when 4 r < min(d_in, d_out) (a 576 x 1536 full SVD per position is what
-            dominates converting SmolLM2), the exact one otherwise (so full rank stays exact).
+        svd_method: "full" (exact float64 SVD, the default), "lowrank" (seeded randomised float32)
+            or "auto" (randomised when 4 r < min(d_in, d_out)). The residual between two layers has
+            a flat spectrum, where the randomised SVD is poor: measured on SmolLM2 (K=15 stepwise,
+            r=64, 32 held-out reviews) the exact SVD's relaxation gave loss 16.4 against 17.4
+            for the randomised one and 17.4 for no relaxation at all.
 
     Returns:
         The same model object; `model.recursive_config` (a `RecursiveConfig`) says what was done.
@@ -430,26 +429,3 @@ def prepare_uptraining(model: nn.Module, method: str, freeze_shared: bool) -> nn
             m.sync_frozen_state()  # a fully frozen B (resumed) stays out of training
     set_shared_trainable(model, not freeze_shared)
     return model
-
-
-class RelaxationFreeze(TrainerCallback):
-    """Drives LaMDA's B freeze (SPEC section 3) on `relax="lamda"` relaxations during uptraining."""
-
-    def __init__(self, freeze_fraction: float) -> None:
-        self.freeze_fraction = freeze_fraction
-        self.schedule: FreezeSchedule | None = None
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        layers = [m for m in relaxations(unwrap(model)) if isinstance(m, LamdaLinear)]
-        if layers and optimizer is not None:
-            self.schedule = FreezeSchedule(layers, optimizer, state.max_steps, self.freeze_fraction)
-
-
-class RecursiveTrainer(Trainer):
-    """`Trainer` whose checkpoints store each shared tensor once (`save_recursive`)."""
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        save_recursive(unwrap(self.model), output_dir or self.args.output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        load_recursive_state(unwrap(model or self.model), resume_from_checkpoint)

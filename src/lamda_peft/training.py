@@ -25,6 +25,7 @@ from lamda_peft.cli import CLIError
 from lamda_peft.config import LamdaConfig
 from lamda_peft.integrations.fault_guard import FaultGuard, stop_message
 from lamda_peft.integrations.hf_trainer import LamdaCallback, LamdaTrainer
+from lamda_peft.integrations.recursive_trainer import RecursiveTrainer, RelaxationFreeze
 from lamda_peft.model import get_lamda_model
 from lamda_peft.settings import TrainSettings
 from lamda_peft.targets import find_targets
@@ -311,7 +312,7 @@ def run_training(s: TrainSettings) -> dict:
     optimizers = (None, None)
     if is_lamda:
         optimizers = (torch.optim.AdamW(model.lamda_param_groups(s.lr, s.weight_decay, head_lr=s.head_lr)), None)
-    trainer_cls = LamdaTrainer if is_lamda else recursive.RecursiveTrainer if is_recursive else Trainer
+    trainer_cls = LamdaTrainer if is_lamda else RecursiveTrainer if is_recursive else Trainer
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -332,7 +333,7 @@ def run_training(s: TrainSettings) -> dict:
         metrics.update(eval_loss_before=before, perplexity_before=causal_lm.perplexity(before))
     trainable_start = count_trainable(model)
     if is_recursive:
-        trainer.add_callback(recursive.RelaxationFreeze(s.freeze_fraction))
+        trainer.add_callback(RelaxationFreeze(s.freeze_fraction))
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if guard is not None and (message := stop_message(guard, latest_checkpoint(out))):
         raise CLIError(message)  # not finished: no adapter/ and no metrics.json are written
