@@ -26,7 +26,14 @@ from lamda_peft.recursive import (
 
 
 def tiny_decoder(arch: str = "llama", layers: int = 4, dtype=torch.float64):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = dict(
@@ -43,6 +50,8 @@ def tiny_decoder(arch: str = "llama", layers: int = 4, dtype=torch.float64):
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.q_proj.bias.normal_()
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     with torch.no_grad():  # random norm weights: tying must keep each position's own
@@ -75,6 +84,14 @@ def test_full_rank_in_float32_within_fp32_tolerance():
     expected = logits(model)
     rec = make_recursive(copy.deepcopy(model), unique_layers=2, init="average", relax_rank=64)
     assert_close(logits(rec), expected)
+
+
+def test_mistral_full_rank_is_exact_and_rank_zero_ties():
+    model = tiny_decoder("mistral")
+    expected = logits(model)
+    assert_close(logits(make_recursive(copy.deepcopy(model), 2, init="average", relax_rank=32)), expected)
+    tied = make_recursive(copy.deepcopy(model), 2, init="average")
+    assert_close(logits(tied), logits(tied_reference(model, 2, "average")))
 
 
 def test_qwen2_biases_stay_per_position_and_full_rank_is_exact():
