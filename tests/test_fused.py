@@ -118,6 +118,11 @@ def test_unfused_bases_take_the_generic_path():
         hooked(x)
         hooked.fused = False
         hooked(x)
+        trained_base = make_layer()
+        trained_base.base_layer.weight.requires_grad_(True)  # e.g. a recursive model's shared weight
+        y = trained_base(x)
         assert len(calls) == 1
+        y.sum().backward()
+        assert trained_base.base_layer.weight.grad is not None
     finally:
         LamdaLinearFunction.forward = staticmethod(original)

@@ -16,6 +16,7 @@ from lamda_peft.integrations.peft_registration import PeftIntegrationError, regi
 from lamda_peft.integrations.peft_training import attach_optimizer
 from lamda_peft.layer import LamdaLinear, delta_weight
 from lamda_peft.model import LamdaModel, get_lamda_model
+from lamda_peft.recursive import load_recursive, make_recursive, save_recursive
 from lamda_peft.schedule import FreezeSchedule, freeze_steps, frozen_count
 
 # LaMDA becomes a PEFT method on import (peft.get_peft_model, PeftModel.from_pretrained, load_adapter);
@@ -38,5 +39,8 @@ __all__ = [
     "frozen_count",
     "get_lamda_model",
     "prepare_distributed",
+    "load_recursive",
+    "make_recursive",
     "register_with_peft",
+    "save_recursive",
 ]

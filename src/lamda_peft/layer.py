@@ -141,11 +141,15 @@ class LamdaLinear(nn.Module):
         return result + F.linear(h, M.to(x.dtype)).to(result.dtype)  # (..., d_out)
 
     def _fusable(self) -> bool:
-        # Exactly nn.Linear (a subclass may quantize its weight), no hooks on it that calling its
-        # weight directly would skip (accelerate's offload, user hooks) and no adapter dropout.
+        # Exactly nn.Linear (a subclass may quantize its weight), a frozen base (the Function
+        # returns no weight gradient; a recursive model's shared weights do train), no hooks on it
+        # that calling its weight directly would skip (accelerate's offload, user hooks) and no
+        # adapter dropout.
         base = self.base_layer
         return (
             type(base) is nn.Linear
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
             and not (base._forward_hooks or base._forward_pre_hooks)
             and isinstance(self.dropout, nn.Identity)
         )

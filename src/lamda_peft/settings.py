@@ -89,6 +89,7 @@ class TrainSettings:
     init: str = _f("spectral", "LaMDA initialisation of A, B, S", choices=["spectral", "orthonormal"])
     s_lr_scale: float = _f(1.0, "LaMDA: learning-rate multiplier for the core S")
     dropout: float = _f(0.0, "dropout on the adapter input (0 keeps LaMDA's activation saving)")
+    freeze_shared: bool = _f(False, "recursive model folders: keep the shared layer weights frozen while uptraining")
     # optimisation
     # Measured (benchmarks/results/quality_minilm_*.json, MiniLM r=16, 190 steps): LaMDA at 3e-3 for
     # adapter and head stays at the majority class; 1e-3 for the adapter with 3e-3 for the head learns.

@@ -19,12 +19,13 @@ import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from lamda_peft import assets
+from lamda_peft import assets, recursive
 from lamda_peft.checkpoint import atomic_write_bytes, load_adapter_state
 from lamda_peft.cli import CLIError
 from lamda_peft.config import LamdaConfig
 from lamda_peft.integrations.fault_guard import FaultGuard, stop_message
 from lamda_peft.integrations.hf_trainer import LamdaCallback, LamdaTrainer, LeanTrainer
+from lamda_peft.integrations.recursive_trainer import RecursiveTrainer, RelaxationFreeze
 from lamda_peft.lean import DEFAULT_CHUNK_TOKENS
 from lamda_peft.model import get_lamda_model
 from lamda_peft.settings import TrainSettings
@@ -34,6 +35,7 @@ from lamda_peft.tasks.metrics import HIGHER_IS_BETTER, regression_metrics, resol
 
 RUN_ARTIFACTS = (
     "adapter",
+    "model",
     "checkpoints",
     "metrics.json",
     "predictions.jsonl",
@@ -302,11 +304,19 @@ def run_training(s: TrainSettings) -> dict:
             data.require_columns(eval_df, [s.prompt_column, s.response_column], eval_source)
         train_rows = _causal_rows(tokenizer, train_df, s, source)
         eval_rows = _causal_rows(tokenizer, eval_df, s, s.eval_data or source)
-        base, head = _from_pretrained(AutoModelForCausalLM.from_pretrained, model_path, dtype=torch.float32), None
+        if recursive.is_recursive_folder(model_path):  # written by `lamda-peft recursive --output`
+            base, head = recursive.load_recursive(model_path), None
+        else:
+            base, head = _from_pretrained(AutoModelForCausalLM.from_pretrained, model_path, dtype=torch.float32), None
         collator = causal_lm.SFTCollator(tokenizer.pad_token_id)
     if not train_rows or not eval_rows:
         raise CLIError(f"no usable rows after tokenization (train {len(train_rows)}, held-out {len(eval_rows)})")
-    model = _wrap(base, s, head, model_path)
+    is_recursive = getattr(base, "recursive_config", None) is not None
+    model = (
+        recursive.prepare_uptraining(base, s.method, s.freeze_shared)
+        if is_recursive
+        else _wrap(base, s, head, model_path)
+    )
     is_lamda = s.method in ("lamda", "lamda++")
     if resume is not None and is_lamda:
         load_adapter_state(model, resume)  # before the optimizer exists: a frozen B must not enter it
@@ -341,13 +351,19 @@ def run_training(s: TrainSettings) -> dict:
         label_names=["labels"],
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
         **checkpointing,
         **_best_model_args(s),
     )
     optimizers = (None, None)
     if is_lamda:
         optimizers = (torch.optim.AdamW(model.lamda_param_groups(s.lr, s.weight_decay, head_lr=s.head_lr)), None)
-    trainer_cls = LamdaTrainer if is_lamda else (LeanTrainer if s.memory_lean else Trainer)
+    if is_lamda:
+        trainer_cls = LamdaTrainer
+    elif is_recursive:
+        trainer_cls = RecursiveTrainer
+    else:
+        trainer_cls = LeanTrainer if s.memory_lean else Trainer
     lean = {"chunked_loss_tokens": DEFAULT_CHUNK_TOKENS} if s.memory_lean else {}
     trainer = trainer_cls(
         **lean,
@@ -374,7 +390,9 @@ def run_training(s: TrainSettings) -> dict:
             _generation_eval(model, tokenizer, eval_df, s, scores)
             metrics.update({f"{k}_before": v for k, v in scores.items()})
     trainable_start = count_trainable(model)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if is_recursive:
+        trainer.add_callback(RelaxationFreeze(s.freeze_fraction))
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if guard is not None and (message := stop_message(guard, latest_checkpoint(out))):
         raise CLIError(message)  # not finished: no adapter/ and no metrics.json are written
     # Evaluation
@@ -417,6 +435,7 @@ def run_training(s: TrainSettings) -> dict:
         wall_time_s=time.time() - start,
         torch_threads=torch.get_num_threads(),
         processes=trainer.args.world_size,
+        train_tokens_per_s=trainer.state.num_input_tokens_seen / max(train_output.metrics["train_runtime"], 1e-9),
     )
     if trainer.is_world_process_zero():  # one writer under `accelerate launch`
         if predictions:
@@ -473,7 +492,9 @@ def _generation_eval(model, tokenizer, eval_df, s: TrainSettings, metrics: dict)
 
 def _write_outputs(out: Path, s: TrainSettings, model, trainer, history, metrics) -> None:
     adapter_dir = out / "adapter"
-    if hasattr(model, "save_pretrained"):
+    if getattr(model, "recursive_config", None) is not None:
+        recursive.save_recursive(model, out / "model")  # the whole model; shared weights once
+    elif hasattr(model, "save_pretrained"):
         model.save_pretrained(adapter_dir)
     atomic_write_bytes(out / "resolved_config.json", (json.dumps(s.to_dict(), indent=2) + "\n").encode())
     log = [json.dumps(row) for row in trainer.state.log_history]

@@ -8,6 +8,7 @@
 | export-lora  | convert.py     | write a PEFT LoRA adapter folder                    |
 | ranks        | ranks.py       | LaMDA++ energy scores and allocated ranks           |
 | recipes      | recipes.py     | list the recipes for the paper's experiments        |
+| recursive    | recursive.py   | relaxed recursive model: tie layers, relax, report  |
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ SUBCOMMANDS = [
     ("export-lora", "lamda_peft.cli.convert"),
     ("ranks", "lamda_peft.cli.ranks"),
     ("recipes", "lamda_peft.cli.recipes"),
+    ("recursive", "lamda_peft.cli.recursive"),
 ]
 
 

@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         "trainable_params_start",
         "trainable_params_end",
         "parameter_updates",
+        "train_tokens_per_s",
         "peak_memory_mb",
         "wall_time_s",
         "output_dir",

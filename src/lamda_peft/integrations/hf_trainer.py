@@ -70,7 +70,9 @@ class LeanLossMixin:
     Evaluation that needs the logits (`return_outputs=True`) takes the stock path.
     """
 
-    chunked_loss_tokens: int | None = None
+    def __init__(self, *args, chunked_loss_tokens: int | None = None, **kwargs) -> None:
+        self.chunked_loss_tokens = chunked_loss_tokens
+        super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.chunked_loss_tokens or return_outputs or "labels" not in inputs:
@@ -92,11 +94,10 @@ class LamdaTrainer(LeanLossMixin, Trainer):
             never materialising the full logits (None: the model's own loss).
     """
 
-    def __init__(self, *args, chunked_loss_tokens: int | None = None, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(c, LamdaCallback) for c in callbacks):
             callbacks.append(LamdaCallback())
-        self.chunked_loss_tokens = chunked_loss_tokens
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if training_args is not None and training_args.ddp_find_unused_parameters is None:
             # The Trainer's default for a model that is not a PreTrainedModel is True (a graph search
@@ -134,7 +135,3 @@ class LamdaTrainer(LeanLossMixin, Trainer):
 
 class LeanTrainer(LeanLossMixin, Trainer):
     """`Trainer` with the chunked causal-LM loss, for models other than a `LamdaModel` (the baselines)."""
-
-    def __init__(self, *args, chunked_loss_tokens: int | None = None, **kwargs) -> None:
-        self.chunked_loss_tokens = chunked_loss_tokens
-        super().__init__(*args, **kwargs)

@@ -1,0 +1,195 @@
+"""Relaxed Recursive Transformers on the bundled SmolLM2-135M (30 layers): held-out loss against unique
+parameters before and after a short CPU uptraining run (issue 12).
+
+    OMP_NUM_THREADS=1 python benchmarks/recursive.py            # or: make bench-recursive
+
+Held-out text: the first --eval-rows reviews of the bundled drug-review test split (English), mean
+next-token loss over every real token (max --max-length tokens each). Uptraining: plain AdamW on
+the train split's review text (loss on every token), --train-steps steps of --batch rows, the same
+for every model; every unique parameter trains (shared weights, relaxations, norms, embeddings).
+Writes benchmarks/results/recursive_smollm2.json (after every configuration, so a cut-short run
+keeps what it measured) and recursive_smollm2.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lamda_peft import __version__, assets
+from lamda_peft.cli.recursive import heldout_loss, heldout_texts
+from lamda_peft.recursive import make_recursive, parameter_counts, truncate_layers
+
+RESULTS = Path(__file__).parent / "results"
+
+# (name, kind, K, init, rank): kind "full" | "cut" | "recursive"
+BEFORE = [
+    ("full", "full", 30, None, None),
+    ("cut 15", "cut", 15, None, None),
+    ("cut 10", "cut", 10, None, None),
+    ("K15 stepwise r0", "recursive", 15, "stepwise", 0),
+    ("K15 stepwise r16", "recursive", 15, "stepwise", 16),
+    ("K15 stepwise r64", "recursive", 15, "stepwise", 64),
+    ("K15 average r0", "recursive", 15, "average", 0),
+    ("K15 average r64", "recursive", 15, "average", 64),
+    ("K10 stepwise r0", "recursive", 10, "stepwise", 0),
+    ("K10 stepwise r64", "recursive", 10, "stepwise", 64),
+    ("K10 average r0", "recursive", 10, "average", 0),
+]
+UPTRAIN = ["cut 15", "K15 stepwise r0", "K15 stepwise r64", "K15 average r0"]
+
+
+def build(base, kind: str, k: int, init: str | None, rank: int | None):
+    model = copy.deepcopy(base)
+    if kind == "cut":
+        return truncate_layers(model, k)
+    if kind == "recursive":
+        return make_recursive(model, k, init=init, relax_rank=rank, relax="lamda")
+    return model
+
+
+def uptrain(model, tokenizer, texts: list[str], steps: int, batch: int, length: int, lr: float) -> dict:
+    """AdamW on every trainable parameter; returns losses and tokens/s (real tokens, no padding)."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses, tokens, start = [], 0, time.time()
+    for step in range(steps):
+        rows = [texts[(step * batch + i) % len(texts)] for i in range(batch)]
+        enc = tokenizer(rows, return_tensors="pt", padding=True, truncation=True, max_length=length)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        tokens += int(enc.attention_mask.sum())
+    elapsed = time.time() - start
+    model.eval()
+    return {"train_losses": losses, "train_tokens": tokens, "train_s": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in results["before"]:
+        ax.scatter(row["unique_parameters"] / 1e6, row["heldout_loss"], color="C0")
+        ax.annotate(row["name"], (row["unique_parameters"] / 1e6, row["heldout_loss"]), fontsize=7)
+    after = [r for r in results["uptraining"]]
+    if after:
+        ax.scatter(
+            [r["unique_parameters"] / 1e6 for r in after],
+            [r["heldout_loss_after"] for r in after],
+            color="C3",
+            label=f"after {results['settings']['train_steps']} uptraining steps",
+        )
+    ax.set(xlabel="unique parameters (M)", ylabel="held-out loss", title="SmolLM2-135M, relaxed recursive (CPU)")
+    ax.scatter([], [], color="C0", label="before training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval-rows", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--train-length", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--out", default=str(RESULTS / "recursive_smollm2.json"))
+    ap.add_argument(
+        "--reuse", default=None, help="a previous JSON: its rows of the same name and settings are not re-evaluated"
+    )
+    args = ap.parse_args()
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    path = assets.smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    texts = heldout_texts("drug-reviews", args.eval_rows)
+    train_texts = assets.drug_reviews()[0]["text"].astype(str).tolist()
+    results = {
+        "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": "cpu",
+        },
+        "versions": {"lamda_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "settings": {**vars(args), "heldout": f"drug-review test split, first {len(texts)} rows", "relax": "lamda"},
+        "before": [],
+        "uptraining": [],
+    }
+    out = Path(args.out)
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    previous = {}
+    if args.reuse:  # a cut-short run: keep what it measured (the held-out set and lengths must match)
+        old = json.loads(Path(args.reuse).read_text())
+        same = all(old["settings"].get(k) == getattr(args, k) for k in ("eval_rows", "max_length"))
+        previous = {row["name"]: row for row in old["before"]} if same else {}
+    models = {}
+    for name, kind, k, init, rank in BEFORE:
+        if name in previous and name not in UPTRAIN:
+            results["before"].append({**previous[name], "reused_from": args.reuse})
+            continue
+        start = time.time()
+        model = build(base, kind, k, init, rank)
+        convert_s = time.time() - start
+        loss = (
+            previous[name]["heldout_loss"]
+            if name in previous
+            else heldout_loss(model, tokenizer, texts, args.max_length)
+        )
+        row = {"name": name, "kind": kind, "layers_or_K": k, "init": init, "relax_rank": rank}
+        row.update(unique_parameters=parameter_counts(model)["unique"], heldout_loss=loss, convert_s=convert_s)
+        results["before"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+        if name in UPTRAIN:
+            models[name] = (model, row)
+        else:
+            del model
+    for name in UPTRAIN:
+        model, row = models.pop(name)
+        stats = uptrain(model, tokenizer, train_texts, args.train_steps, args.batch, args.train_length, args.lr)
+        after = {
+            "name": name,
+            "unique_parameters": row["unique_parameters"],
+            "heldout_loss_before": row["heldout_loss"],
+            "heldout_loss_after": heldout_loss(model, tokenizer, texts, args.max_length),
+            **stats,
+        }
+        results["uptraining"].append(after)
+        print(json.dumps({k: v for k, v in after.items() if k != "train_losses"}), flush=True)
+        save()
+        del model
+    plot(results, out.with_suffix(".png"))
+    save()
+
+
+if __name__ == "__main__":
+    main()
