@@ -382,3 +382,46 @@ def test_layers_that_cannot_be_quantized_are_named_and_nothing_changes():
     with pytest.raises(QuantizationError, match="'l2' is a full-precision Linear"):
         get_lamda_model(quantized, LamdaConfig(r=4, target_modules=["l1", "l2"]))
     assert type(quantized.l2) is nn.Linear and type(quantized.l1).__name__ == "Linear4bit"
+
+
+def test_peft_get_peft_model_refuses_quantize():
+    import peft
+
+    with pytest.raises(ValueError, match="quantize is supported by lamda_peft.get_lamda_model"):
+        peft.get_peft_model(Tiny(), _config("nf4"))
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+CLI_FAST = ["--max-length", "48", "--batch-size", "8", "--quiet", "--max-train-rows", "48", "--max-eval-rows", "16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lamda", "lora"])
+def test_cli_train_quantized(tmp_path, method):
+    """`lamda-peft train --quantize nf4`: QLaMDA, and PEFT QLoRA (LoRA on bitsandbytes Linear4bit)."""
+    import json
+
+    from lamda_peft.cli import main
+
+    out = tmp_path / method
+    argv = ["train", *CLI_FAST, "--max-steps", "2", "--method", method, "--quantize", "nf4", "--output-dir", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 2 and 0 <= metrics["accuracy"] <= 1
+    assert json.loads((out / "resolved_config.json").read_text())["quantize"] == "nf4"
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    if method == "lamda":
+        assert adapter["quantize"] == "nf4" and len(adapter["quantized_residual_sha256"]) == 36  # MiniLM's linears
+        assert metrics["trainable_params_end"] < metrics["trainable_params_start"]
+    else:
+        assert adapter["peft_type"] == "LORA"
+
+
+def test_cli_quantize_bad_combinations(tmp_path, capsys):
+    from lamda_peft.cli import main
+
+    base = ["train", *CLI_FAST, "--max-steps", "1", "--output-dir", str(tmp_path / "x")]
+    assert main([*base, "--method", "vera", "--quantize", "nf4"]) == 2
+    assert "--quantize works with --method lamda, lamda++ or lora" in capsys.readouterr().err
+    assert main([*base, "--method", "lora", "--quantize", "nf4", "--loftq-iters", "2"]) == 2
+    assert "--loftq-iters applies to LaMDA" in capsys.readouterr().err
