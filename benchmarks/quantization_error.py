@@ -1,6 +1,6 @@
 """Quantization error at init: plain NF4 (QLoRA's base) vs LaMDA's residual NF4 (QLaMDA), issue 11.
 
-For every target linear ("all-linear") of the bundled MiniLM and SmolLM2 at r=16 (alpha = r),
+For every target linear ("all-linear": MiniLM's 36 without BERT's unused pooler, SmolLM2's 210) of the bundled MiniLM and SmolLM2 at r=16 (alpha = r),
 NF4 with blocksize 64 (bitsandbytes, double-quantized statistics, as QLoRA):
 
     plain     W_eff = deq(Q(W))                              (the base QLoRA trains on; LoRA adds 0)
@@ -53,7 +53,8 @@ def load_model(name: str) -> nn.Module:
     from lamda_peft import assets
 
     if name == "minilm":
-        return AutoModel.from_pretrained(str(assets.minilm_path()), dtype=torch.float32).eval()
+        # The sentence encoder as it is used (mean pooling): BERT's untrained pooler left out.
+        return AutoModel.from_pretrained(str(assets.minilm_path()), dtype=torch.float32, add_pooling_layer=False).eval()
     if name == "smollm2":
         return AutoModelForCausalLM.from_pretrained(str(assets.smollm2_path()), dtype=torch.float32).eval()
     torch.manual_seed(0)

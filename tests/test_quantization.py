@@ -391,6 +391,19 @@ def test_peft_get_peft_model_refuses_quantize():
         peft.get_peft_model(Tiny(), _config("nf4"))
 
 
+def test_qlora_baseline_uses_peft_bitsandbytes_layers():
+    """`quantize_model_linears` + PEFT LoRA: PEFT picks its own bitsandbytes LoRA layer (real QLoRA)."""
+    import peft
+    from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
+
+    x = _x()
+    model = quantize_model_linears(Tiny(), ["l1", "l2"], "nf4")
+    before = model(x).detach()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["l1", "l2"]))
+    assert isinstance(lora.base_model.model.l1, PeftLoraLinear4bit)
+    assert torch.equal(lora(x), before)  # LoRA's B starts at 0
+
+
 # -- the CLI -----------------------------------------------------------------------------------------
 CLI_FAST = ["--max-length", "48", "--batch-size", "8", "--quiet", "--max-train-rows", "48", "--max-eval-rows", "16"]
 
