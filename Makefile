@@ -46,7 +46,7 @@ bench-inference: setup  ## merged vs unmerged latency; the exported LoRA served 
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/report.py
 
-bench-quant: setup  ## weight and output error at init: plain NF4 vs LaMDA's residual NF4 (MiniLM, SmolLM2; ~10 min)
+bench-quant: setup  ## weight and output error at init: plain NF4 vs LaMDA's residual NF4 (MiniLM, SmolLM2; ~45 min on 2 shared cores)
 	$(BIN)/python benchmarks/quantization_error.py
 
 bench-report: setup  ## benchmarks/RESULTS.md from the committed JSON results

@@ -13,7 +13,7 @@ closer to W). Then the model's output error at init on real text (the bundled dr
 ||y - y_fp|| / ||y_fp|| for MiniLM's last hidden state (padding masked out) and SmolLM2's logits,
 for each of the three quantized models, and the ratios.
 
-    python benchmarks/quantization_error.py            # both models (~10 min on 2 shared cores)
+    python benchmarks/quantization_error.py            # both models (~45 min on 2 shared cores)
     python benchmarks/quantization_error.py --quick    # a tiny random Llama: structure only
 """
 
