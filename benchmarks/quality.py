@@ -37,6 +37,9 @@ VARIANTS = {
     "lamda-r16-ortho": ({"method": "lamda", "r": 16, "init": "orthonormal"}, [1e-2, 3e-2]),
     "lamda-r16-ff1": ({"method": "lamda", "r": 16, "freeze_fraction": 1.0}, [3e-3]),
     "lamda++-r16": ({"method": "lamda++", "r": 16}, [1e-3, 3e-3]),
+    # issue 11: NF4 bases (QLaMDA: residual quantization; QLoRA: PEFT LoRA on bitsandbytes NF4)
+    "qlamda-nf4-r16-head3e-3": ({"method": "lamda", "r": 16, "head_lr": 3e-3, "quantize": "nf4"}, [1e-3]),
+    "qlora-nf4-r8": ({"method": "lora", "r": 8, "quantize": "nf4"}, [3e-3]),
     "lamda++-r16-smallest": ({"method": "lamda++", "r": 16, "freeze_order": "smallest_first"}, [1e-3, 3e-3]),
 }
 PRESETS = {

@@ -297,10 +297,11 @@ def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = 
     extra = sorted(set(tensors) - expected)
     if extra:
         raise AdapterLoadError(f"{directory}: unexpected tensors in {WEIGHTS_NAME} for this base model: {extra[:5]}")
-    # Everything checked: now modify the model.
+    # Everything checked: now modify the model. LamdaModel first: a quantized base is verified
+    # against its saved digest there, and a refusal must leave modules_to_save untouched too.
+    lamda_model = LamdaModel(model, config, factors=factors)
     for key, (module, pname) in saved_modules.items():
         module.load_state_dict({pname: tensors[key]}, strict=False)
-    lamda_model = LamdaModel(model, config, factors=factors)
     for name, layer in lamda_model.lamda_layers():
         dS, dB, frozen, step = states[name]
         with torch.no_grad():

@@ -77,6 +77,13 @@ class LamdaConfig(PeftConfig):
             [ours: default] or "rank" (sum r_l = L r).
         base_model_name_or_path: where the base model came from (informational).
         task_type: PEFT's task type ("SEQ_CLS", "CAUSAL_LM", ...), used only by `peft.get_peft_model`.
+        quantize: None (full precision) or "nf4" / "fp4" / "int8": the frozen base is quantized,
+            only its residual W - scaling * B0 S0 A (quantization.py). Needs `lamda-peft[quant]`.
+        quant_backend: "bitsandbytes" (nf4, fp4, int8) or "torchao" (int8 weight-only).
+        quant_blocksize: elements per absmax block of the 4-bit formats (bitsandbytes; 64 = QLoRA).
+        loftq_iters: LoftQ-style alternations of quantization and SVD of the quantization error.
+        quantized_residual_sha256: {module: SHA-256 of its quantized base}, written by
+            `get_lamda_model`; a reload must rebuild exactly these bytes or is refused.
     """
 
     r: int = 8
@@ -98,6 +105,11 @@ class LamdaConfig(PeftConfig):
     r_max: int | None = None
     rank_budget: str = "params"
     base_model_name_or_path: str | None = None
+    quantize: str | None = None
+    quant_backend: str = "bitsandbytes"
+    quant_blocksize: int = 64
+    loftq_iters: int = 0
+    quantized_residual_sha256: dict[str, str] = field(default_factory=dict)
     peft_type: str = PEFT_TYPE
 
     def __post_init__(self) -> None:
@@ -167,6 +179,9 @@ class LamdaConfig(PeftConfig):
             _check_int("r_max", self.r_max, minimum=1)
         if self.rank_bounds[0] > self.rank_bounds[1]:
             raise ConfigError(f"r_min ({self.rank_bounds[0]}) must be <= r_max ({self.rank_bounds[1]})")
+        from lamda_peft.quantization import validate_quantization_fields  # its own module: one place
+
+        validate_quantization_fields(self)
         if self.peft_type != PEFT_TYPE:
             raise ConfigError(f"peft_type must be {PEFT_TYPE!r} for a LaMDA adapter, got {self.peft_type!r}")
 

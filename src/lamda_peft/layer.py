@@ -46,7 +46,10 @@ def is_conv1d(module: nn.Module) -> bool:
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(d_out, d_in) of an `nn.Linear` or HF `Conv1D`."""
     w = module.weight
-    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+    if is_conv1d(module):
+        return (w.shape[1], w.shape[0])
+    # A 4-bit linear stores its weight packed (n/2 x 1): its features say the logical shape.
+    return (module.out_features, module.in_features) if hasattr(module, "out_features") else (w.shape[0], w.shape[1])
 
 
 def torch_layout_weight(module: nn.Module) -> torch.Tensor:

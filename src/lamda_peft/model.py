@@ -16,6 +16,7 @@ from torch import nn
 
 from lamda_peft.config import LamdaConfig
 from lamda_peft.layer import LamdaLinear, linear_shape, torch_layout_weight
+from lamda_peft.quantization import build_quantized_layers, uses_quantization
 from lamda_peft.schedule import FreezeSchedule
 from lamda_peft.spectral import SpectralFactors, spectral_factors
 from lamda_peft.targets import find_targets
@@ -65,9 +66,16 @@ class LamdaModel(nn.Module):
         targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
         if factors is None:
             self._check_ranks(targets)
+        # Quantized bases (issue 11) are built first and checked whole: an error modifies nothing.
+        quantized = (
+            build_quantized_layers(model, targets, config, factors) if uses_quantization(model, targets, config) else {}
+        )
         for p in model.parameters():
             p.requires_grad_(False)
         for name in targets:
+            if name in quantized:
+                _set_submodule(model, name, quantized[name])
+                continue
             base = model.get_submodule(name)
             r = config.rank_for(name)
             scaling = config.alpha_for(name) / r

@@ -90,6 +90,13 @@ class TrainSettings:
     s_lr_scale: float = _f(1.0, "LaMDA: learning-rate multiplier for the core S")
     dropout: float = _f(0.0, "dropout on the adapter input (0 keeps LaMDA's activation saving)")
     freeze_shared: bool = _f(False, "recursive model folders: keep the shared layer weights frozen while uptraining")
+    quantize: str = _f(
+        "none",
+        "quantize the frozen base (needs lamda-peft[quant]): LaMDA quantizes only the residual W - B0 S0 A; "
+        "--method lora gives PEFT QLoRA on the same bitsandbytes base",
+        choices=["none", "nf4", "fp4", "int8"],
+    )
+    loftq_iters: int = _f(0, "LaMDA with --quantize: LoftQ-style alternations of quantization and SVD of its error")
     # optimisation
     # Measured (benchmarks/results/quality_minilm_*.json, MiniLM r=16, 190 steps): LaMDA at 3e-3 for
     # adapter and head stays at the majority class; 1e-3 for the adapter with 3e-3 for the head learns.
@@ -138,6 +145,7 @@ class TrainSettings:
             (self.eval_steps >= 0, "eval_steps must be >= 0"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.max_target_length >= 1, "max_target_length must be >= 1"),
+            (self.loftq_iters >= 0, "loftq_iters must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -185,6 +185,8 @@ def _wrap(model, s: TrainSettings, head: str | list[str] | None, model_path: str
         if s.targets == "all-linear"
         else ([t.strip() for t in s.targets.split(",")] if "," in s.targets or s.targets.isidentifier() else s.targets)
     )
+    if s.quantize != "none":
+        return _wrap_quantized(model, s, targets, modules_to_save, model_path)
     if s.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -206,7 +208,11 @@ def _wrap(model, s: TrainSettings, head: str | list[str] | None, model_path: str
                 init_lora_weights=init,
             )
         return get_peft_model(model, cfg)
-    cfg = LamdaConfig(
+    return get_lamda_model(model, _lamda_config(s, targets, modules_to_save, model_path))
+
+
+def _lamda_config(s: TrainSettings, targets, modules_to_save, model_path: str, **quant) -> LamdaConfig:
+    return LamdaConfig(
         r=s.r,
         alpha=s.alpha,
         target_modules=targets,
@@ -218,8 +224,36 @@ def _wrap(model, s: TrainSettings, head: str | list[str] | None, model_path: str
         modules_to_save=modules_to_save,
         rank_allocation="energy" if s.method == "lamda++" else "none",
         base_model_name_or_path=model_path,
+        **quant,
     )
-    return get_lamda_model(model, cfg)
+
+
+def _wrap_quantized(model, s: TrainSettings, targets, modules_to_save, model_path: str):
+    """--quantize: QLaMDA (residual quantization) or, for --method lora, PEFT QLoRA on the same base."""
+    from lamda_peft.quantization import MissingQuantExtraError, QuantizationError, quantize_model_linears
+
+    if s.method not in ("lamda", "lamda++", "lora"):
+        raise CLIError(f"--quantize works with --method lamda, lamda++ or lora (QLoRA), not {s.method!r}")
+    if s.loftq_iters and s.method == "lora":
+        raise CLIError("--loftq-iters applies to LaMDA's quantized residual, not to --method lora")
+    try:
+        if s.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            names = find_targets(model, targets, exclude=modules_to_save)
+            quantize_model_linears(model, names, s.quantize)  # QLoRA's base: Q(W) in place of W
+            cfg = LoraConfig(
+                r=s.r,
+                lora_alpha=s.alpha or s.r,
+                target_modules=names,
+                lora_dropout=s.dropout,
+                modules_to_save=modules_to_save,
+            )
+            return get_peft_model(model, cfg)
+        cfg = _lamda_config(s, targets, modules_to_save, model_path, quantize=s.quantize, loftq_iters=s.loftq_iters)
+        return get_lamda_model(model, cfg)
+    except (MissingQuantExtraError, QuantizationError) as err:
+        raise CLIError(str(err)) from None
 
 
 def count_trainable(model) -> int:

@@ -20,6 +20,7 @@ from lamda_peft.config import LamdaConfig
 from lamda_peft.integrations.peft_layer import LamdaPeftLinear
 from lamda_peft.layer import linear_shape, torch_layout_weight
 from lamda_peft.model import initial_factors
+from lamda_peft.quantization import quantized_format
 from lamda_peft.schedule import FreezeSchedule
 from lamda_peft.targets import _output_head_names, is_linear, matches
 
@@ -108,6 +109,8 @@ class LamdaTuner(BaseTuner):
     def _prepare_adapter_config(self, peft_config: LamdaConfig, model_config: dict) -> LamdaConfig:
         if not isinstance(peft_config, LamdaConfig):
             raise TypeError(f"LaMDA's PEFT tuner needs a lamda_peft.LamdaConfig, got {type(peft_config).__name__}")
+        if peft_config.quantize is not None:  # issue 11 lives in quantization.py, behind get_lamda_model
+            raise ValueError("quantize is supported by lamda_peft.get_lamda_model, not by peft.get_peft_model")
         if peft_config.target_modules is None:
             peft_config.target_modules = "all-linear"
         return peft_config
@@ -145,6 +148,11 @@ class LamdaTuner(BaseTuner):
         if not is_linear(base):
             raise ValueError(
                 f"target module {current_key!r} is a {type(base).__name__}; LaMDA adapts nn.Linear and HF Conv1D only"
+            )
+        if quantized_format(base) is not None:
+            raise ValueError(
+                f"module {current_key!r} is quantized ({type(base).__name__}); adapt quantized models with "
+                "lamda_peft.get_lamda_model"
             )
         if isinstance(target, BaseTunerLayer) and not isinstance(target, LamdaPeftLinear):
             raise ValueError(f"module {current_key!r} already holds a {type(target).__name__} adapter")
