@@ -58,6 +58,7 @@ bench-recursive: setup  ## relaxed recursive SmolLM2: held-out loss vs unique pa
 
 bench-quant: setup  ## weight and output error at init: plain NF4 vs LaMDA's residual NF4 (MiniLM, SmolLM2; ~45 min on 2 shared cores)
 	$(BIN)/python benchmarks/quantization_error.py
+	$(BIN)/python benchmarks/quant_memory.py
 
 bench-report: setup  ## benchmarks/RESULTS.md from the committed JSON results
 	$(BIN)/python benchmarks/report.py

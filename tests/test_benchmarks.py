@@ -31,6 +31,7 @@ def results(tmp_path_factory) -> Path:
     run("param_updates.py", "--quick", "--out", str(out / "param_updates.json"))
     run("inference.py", "--quick", "--out", str(out / "inference.json"))
     run("lean_memory.py", "--quick", "--out", str(out / "lean_memory.json"))
+    run("quant_memory.py", "--quick", "--out", str(out / "quant_memory.json"))
     return out
 
 
@@ -137,3 +138,13 @@ def test_lean_memory_same_loss_and_no_logits_kept(results):
         # Bytes saved for backward do not depend on load: the chunked loss keeps no logits.
         assert m["lamda_chunked"]["saved_activation_bytes"] < m["lamda_stock"]["saved_activation_bytes"]
         assert m["lamda_lean"]["step_memory_bytes"] < m["lamda_chunked"]["step_memory_bytes"]
+
+
+def test_quant_memory_structure(results):
+    data = load(results, "quant_memory.json")
+    m, x = data["methods"], data["ratios_vs_qlora"]
+    assert x["qlora"]["step_memory_x_less_than_qlora"] == 1.0
+    assert m["qlamda_after"]["trainable_parameters"] < m["qlamda_before"]["trainable_parameters"]
+    assert m["qlamda_before"]["trainable_parameters"] < m["qlora"]["trainable_parameters"]
+    # Saved bytes do not depend on load: LaMDA keeps only r-wide activations on top of the base's.
+    assert m["qlamda_after"]["saved_activation_bytes"] < m["qlora"]["saved_activation_bytes"]
