@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     load = bc.base_loader(model_name)
     runners = {v: build(v, load, r) for v in VARIANTS}
     ids = bc.batch(load.vocab_size, args.batch, seq)
-    for name, runner in runners.items():
+    for runner in runners.values():
         for _ in range(2):  # optimizer state allocated; qlamda_after's schedule freezes B
             runner.step(ids)
     gc.collect()
