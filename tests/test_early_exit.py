@@ -118,3 +118,40 @@ def test_plain_model_with_a_loop_size_and_errors():
         early_exit_profile(plain, IDS, MASK, loop_size=3)
     with pytest.raises(ValueError, match="every label is -100"):
         early_exit_profile(plain, IDS, MASK, labels=torch.full_like(IDS, -100), loop_size=2)
+
+
+def test_recursive_cli_early_exit(tmp_path, capsys):
+    """`lamda-peft recursive --early-exit` on a tiny Llama with SmolLM2's tokenizer and real text."""
+    import json
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lamda_peft import assets
+    from lamda_peft.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    argv = ["recursive", str(folder), "--unique-layers", "2", "--eval-rows", "4", "--max-length", "32"]
+    assert main(argv + ["--early-exit"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    ee = report["early_exit"]
+    assert ee["num_loops"] == 2 and len(ee["loops"]) == 2
+    # the same tokenization and batches as the held-out loss: the last loop IS that loss
+    assert ee["loops"][-1]["heldout_loss"] == pytest.approx(report["heldout_loss"], rel=1e-6)
+    assert "estimated depth-wise batching gain" in captured.err
+    assert main(argv[:-4] + ["--eval-rows", "0", "--early-exit"]) == 2
+    assert "--eval-rows must be > 0" in capsys.readouterr().err
