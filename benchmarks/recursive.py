@@ -9,6 +9,13 @@ the train split's review text (loss on every token), --train-steps steps of --ba
 for every model; every unique parameter trains (shared weights, relaxations, norms, embeddings).
 Writes benchmarks/results/recursive_smollm2.json (after every configuration, so a cut-short run
 keeps what it measured) and recursive_smollm2.png.
+
+    OMP_NUM_THREADS=1 python benchmarks/recursive.py --early-exit-only
+
+computes only the early-exit figures (LM head after every loop, before uptraining, on the same
+held-out texts; `lamda_peft.early_exit`) for the EARLY_EXIT configurations and merges them into the
+existing JSON under "early_exit", keeping everything else in it. The depth-wise batching gain there
+is an estimate from the exit shares (constant cost per loop, perfect batching), not measured serving.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 import torch
 
 from lamda_peft import __version__, assets
-from lamda_peft.cli.recursive import heldout_loss, heldout_texts
+from lamda_peft.cli.recursive import heldout_early_exit, heldout_loss, heldout_texts
 from lamda_peft.recursive import make_recursive, parameter_counts, truncate_layers
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,6 +52,19 @@ BEFORE = [
     ("K10 average r0", "recursive", 10, "average", 0),
 ]
 UPTRAIN = ["cut 15", "K15 stepwise r0", "K15 stepwise r64", "K15 average r0"]
+# early exit: (name, kind, loop size K, init, rank, uptrained); the full model, read with loops of 15
+# or 10 layers, shows what a deep model's intermediate layers give the LM head; "uptrained" rows first
+# run the same uptraining as the UPTRAIN rows (--train-steps steps, same data and settings)
+EARLY_EXIT = [
+    ("full, loops of 15", "full", 15, None, None, False),
+    ("full, loops of 10", "full", 10, None, None, False),
+    ("K15 average r0", "recursive", 15, "average", 0, False),
+    ("K15 average r64", "recursive", 15, "average", 64, False),
+    ("K15 stepwise r0", "recursive", 15, "stepwise", 0, False),
+    ("K10 average r0", "recursive", 10, "average", 0, False),
+    ("K15 average r0, uptrained", "recursive", 15, "average", 0, True),
+    ("K10 average r0, uptrained", "recursive", 10, "average", 0, True),
+]
 
 
 def build(base, kind: str, k: int, init: str | None, rank: int | None):
@@ -75,6 +95,51 @@ def uptrain(model, tokenizer, texts: list[str], steps: int, batch: int, length: 
     elapsed = time.time() - start
     model.eval()
     return {"train_losses": losses, "train_tokens": tokens, "train_s": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def early_exit_only(args, base, tokenizer, texts: list[str], out: Path) -> None:
+    """Early-exit rows merged into the existing JSON (its other content is kept as it is).
+
+    Rows already in its "early_exit" section with the same held-out settings are kept, not rerun.
+    """
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    old = results.get("early_exit", {})
+    same = all(old.get("settings", {}).get(k) == getattr(args, k) for k in ("eval_rows", "max_length"))
+    previous = {row["name"]: row for row in old.get("rows", [])} if same else {}
+    section = {
+        "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
+        "settings": {
+            "heldout": f"drug-review test split, first {len(texts)} rows",
+            "eval_rows": args.eval_rows,
+            "max_length": args.max_length,
+            "relax": "lamda",
+            "when": "before uptraining, except the rows named 'uptrained'",
+            "uptraining": {k: getattr(args, k) for k in ("train_steps", "train_length", "batch", "lr")},
+        },
+        "estimate_note": "throughput_gain_estimate = num_loops / mean_exit_loop: the gain depth-wise batching would "
+        "give if every token left at its earliest stable loop (final prediction as oracle), every loop cost the same "
+        "and batching were perfect; computed from the shares, not measured serving",
+        "rows": [],
+    }
+    results["early_exit"] = section
+    train_texts = assets.drug_reviews()[0]["text"].astype(str).tolist()
+    for name, kind, k, init, rank, uptrained in EARLY_EXIT:
+        if name in previous:
+            section["rows"].append({"uptrained": False, **previous[name]})
+            continue
+        start = time.time()
+        model = build(base, kind, k, init, rank)
+        row = {"name": name, "kind": kind, "loop_size": k, "init": init, "relax_rank": rank, "uptrained": uptrained}
+        if uptrained:
+            stats = uptrain(model, tokenizer, train_texts, args.train_steps, args.batch, args.train_length, args.lr)
+            row.update(train_steps=args.train_steps, train_tokens=stats["train_tokens"])
+        summary = heldout_early_exit(model, tokenizer, texts, args.max_length, loop_size=k)
+        row.update(unique_parameters=parameter_counts(model)["unique"], **summary, time_s=time.time() - start)
+        del row["estimate_note"]
+        section["rows"].append(row)
+        print(json.dumps({key: v for key, v in row.items() if key != "loops"}), flush=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        del model
 
 
 def plot(results: dict, path: Path) -> None:
@@ -113,6 +178,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--out", default=str(RESULTS / "recursive_smollm2.json"))
     ap.add_argument(
+        "--early-exit-only",
+        action="store_true",
+        help="only the early-exit figures, merged into --out (its other content is kept)",
+    )
+    ap.add_argument(
         "--reuse", default=None, help="a previous JSON: its rows of the same name and settings are not re-evaluated"
     )
     args = ap.parse_args()
@@ -125,6 +195,9 @@ def main() -> None:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     texts = heldout_texts("drug-reviews", args.eval_rows)
+    if args.early_exit_only:
+        early_exit_only(args, base, tokenizer, texts, Path(args.out))
+        return
     train_texts = assets.drug_reviews()[0]["text"].astype(str).tolist()
     results = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),

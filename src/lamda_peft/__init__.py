@@ -11,6 +11,7 @@ the PEFT method `integrations/peft_*.py`.
 
 from lamda_peft.checkpoint import AdapterLoadError
 from lamda_peft.config import ConfigError, LamdaConfig
+from lamda_peft.early_exit import early_exit_profile
 from lamda_peft.integrations.distributed import prepare_distributed
 from lamda_peft.integrations.peft_registration import PeftIntegrationError, register_on_import, register_with_peft
 from lamda_peft.integrations.peft_training import attach_optimizer
@@ -35,6 +36,7 @@ __all__ = [
     "PeftIntegrationError",
     "attach_optimizer",
     "delta_weight",
+    "early_exit_profile",
     "freeze_steps",
     "frozen_count",
     "get_lamda_model",

@@ -3,7 +3,8 @@
 Loads MODEL (a folder or the bundled `smollm2`), ties its N layers into K shared ones
 (`make_recursive`), reports unique parameters and the held-out loss on English text (default: the
 bundled drug-review test split), and with `--output DIR` writes a folder that `load_recursive`
-and `lamda-peft train --task causal-lm --model DIR --method full` (uptraining) take.
+and `lamda-peft train --task causal-lm --model DIR --method full` (uptraining) take. `--early-exit`
+adds the per-loop early-exit table (`lamda_peft.early_exit`) to the report and prints it to stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import torch
@@ -38,6 +40,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows scored (0 = skip the evaluation)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per held-out row")
     p.add_argument("--baseline", action="store_true", help="also score the original model")
+    p.add_argument(
+        "--early-exit",
+        action="store_true",
+        help="LM head after every loop on the held-out text: per-loop loss, share of tokens already predicting the "
+        "final token, and the depth-wise batching throughput ESTIMATE (not measured serving)",
+    )
     p.set_defaults(func=run)
 
 
@@ -77,6 +85,23 @@ def heldout_loss(model, tokenizer, texts: list[str], max_length: int = 128, batc
     return total / count if count else math.nan
 
 
+@torch.no_grad()
+def heldout_early_exit(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 8, loop_size=None):
+    """`early_exit_profile` on `texts`, tokenized and batched exactly as `heldout_loss` does."""
+    from lamda_peft.early_exit import early_exit_counts
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    total = None
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
+        part = early_exit_counts(model, enc.input_ids, enc.attention_mask, loop_size=loop_size)
+        total = part if total is None else total + part
+    return total.summary()
+
+
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,6 +136,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if texts:
         report.update(heldout_loss=heldout_loss(model, tokenizer, texts, args.max_length), heldout_rows=len(texts))
+    if args.early_exit:
+        if not texts:
+            raise CLIError("--early-exit needs held-out text: --eval-rows must be > 0")
+        from lamda_peft.early_exit import format_table
+
+        report["early_exit"] = heldout_early_exit(model, tokenizer, texts, args.max_length)
+        print(format_table(report["early_exit"]), file=sys.stderr)  # stdout stays one JSON document
     if args.output:
         save_recursive(model, args.output)
         tokenizer.save_pretrained(args.output)
