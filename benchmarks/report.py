@@ -59,6 +59,11 @@ def machine_line(data: dict) -> str:
 
 def step_memory_section(data: dict, title: str = "Memory and time per training step") -> list[str]:
     out = [f"## {title}", "", machine_line(data), ""]
+    provenance = data.get("provenance")
+    if provenance:  # results assembled from more than one run say how
+        if isinstance(provenance, dict):
+            provenance = " ".join(f"{k}: {v}." for k, v in provenance.items() if isinstance(v, str))
+        out += [f"Provenance: {provenance}", ""]
     out.append(
         "Step memory = tensors saved for backward (each storage once, the model's own weights excluded) + "
         "gradients + optimizer state (AdamW). Peak RSS = increase of the process' resident set during the "
