@@ -14,20 +14,35 @@ from lamda_peft.tasks.metrics import bleu, exact_match, rouge_scores
 
 
 @torch.no_grad()
-def generate_continuations(
-    model, tokenizer, prompts: list[str], max_length: int, num_beams: int, max_new_tokens: int, batch_size: int = 8
+def batched_generate(
+    model,
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    num_beams: int,
+    max_new_tokens: int,
+    batch_size: int,
+    continuation_only: bool,
 ) -> list[str]:
-    """The text each prompt is continued with (prompt tokens removed)."""
+    """Generate for `texts` in batches (eval mode, greedy or beam search); the model's mode is restored.
+
+    Args:
+        continuation_only: decoder-only models: left-pad the prompts (generation appends on the
+            right, so prompts must end there) and return only the new tokens. False for
+            encoder-decoder models, whose output is the generated text itself.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right: prompts must end there
+    if continuation_only:
+        tokenizer.padding_side = "left"
+    extra = {"pad_token_id": tokenizer.pad_token_id} if continuation_only else {}
     outputs = []
     try:
-        for i in range(0, len(prompts), batch_size):
+        for i in range(0, len(texts), batch_size):
             enc = tokenizer(
-                prompts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+                texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
             ).to(device)
             ids = model.generate(
                 input_ids=enc["input_ids"],
@@ -35,14 +50,22 @@ def generate_continuations(
                 num_beams=num_beams,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
+                **extra,
             )
-            new = ids[:, enc["input_ids"].shape[1] :]  # (batch, new tokens)
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+            if continuation_only:
+                ids = ids[:, enc["input_ids"].shape[1] :]  # (batch, new tokens)
+            outputs += tokenizer.batch_decode(ids, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+def generate_continuations(
+    model, tokenizer, prompts: list[str], max_length: int, num_beams: int, max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
+    """The text each prompt is continued with (prompt tokens removed)."""
+    return batched_generate(model, tokenizer, prompts, max_length, num_beams, max_new_tokens, batch_size, True)
 
 
 def evaluate(model, tokenizer, prompts: list[str], references: list[str], s) -> tuple[dict, list[str]]:

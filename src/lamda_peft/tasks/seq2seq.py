@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig
 
 from lamda_peft.tasks.causal_lm import IGNORE_INDEX
+from lamda_peft.tasks.generation import batched_generate
 
 
 class Seq2SeqError(ValueError):
@@ -71,30 +72,11 @@ class Seq2SeqCollator:
         }
 
 
-@torch.no_grad()
 def generate(
     model, tokenizer, sources: list[str], max_length: int, num_beams: int, max_new_tokens: int, batch_size: int = 16
 ) -> list[str]:
     """Generated texts for `sources` (eval mode, greedy or beam search)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    outputs = []
-    try:
-        for i in range(0, len(sources), batch_size):
-            enc = tokenizer(
-                sources[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-            ).to(device)
-            ids = model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                num_beams=num_beams,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-            )
-            outputs += tokenizer.batch_decode(ids, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
+    outputs = batched_generate(model, tokenizer, sources, max_length, num_beams, max_new_tokens, batch_size, False)
     return [o.strip() for o in outputs]
 
 
