@@ -76,3 +76,29 @@ def tiny_llama():
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def save_tiny_llama_with_smollm2_tokenizer(folder, **config):
+    """A 2-layer random Llama sized for SmolLM2's (real) tokenizer, saved with it like a hub checkpoint.
+
+    `config` overrides or adds LlamaConfig fields (max_position_embeddings, tied embeddings, ...).
+    Returns the tokenizer.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lamda_peft.assets import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **config,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_llama
+from conftest import save_tiny_llama_with_smollm2_tokenizer, tiny_llama
 from lamda_peft import LamdaConfig, get_lamda_model
 from lamda_peft.lean import IGNORE_INDEX, causal_lm_loss, chunked_linear_cross_entropy
 
@@ -147,26 +147,10 @@ def test_memory_lean_needs_causal_lm():
 def test_cli_memory_lean_trains_like_the_stock_loss(tmp_path):
     """Two CLI runs on a tiny Llama (SmolLM2's tokenizer): --gradient-checkpointing with the stock
     loss and --memory-lean give the same losses step by step (grad accumulation 2)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lamda_peft.assets import smollm2_path
     from lamda_peft.cli import main
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
     folder = tmp_path / "tiny"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_llama_with_smollm2_tokenizer(folder, max_position_embeddings=128, tie_word_embeddings=True)
     losses = {}
     for name, flag in (("stock", "--gradient-checkpointing"), ("lean", "--memory-lean")):
         out = tmp_path / name

@@ -21,9 +21,10 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
+from conftest import save_tiny_llama_with_smollm2_tokenizer  # noqa: E402
 from lamda_peft import LamdaConfig, frozen_count  # noqa: E402
 from lamda_peft.assets import smollm2_path  # noqa: E402
 from lamda_peft.integrations.hf_trainer import LamdaCallback  # noqa: E402
@@ -38,20 +39,9 @@ def model_dir(tmp_path_factory) -> str:
     """A tiny Llama with SmolLM2's tokenizer, saved like a hub checkpoint (SFTTrainer loads it by path)."""
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    save_tiny_llama_with_smollm2_tokenizer(
+        path, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
     return str(path)
 
 
