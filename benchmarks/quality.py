@@ -41,6 +41,13 @@ VARIANTS = {
     "qlamda-nf4-r16-head3e-3": ({"method": "lamda", "r": 16, "head_lr": 3e-3, "quantize": "nf4"}, [1e-3]),
     "qlora-nf4-r8": ({"method": "lora", "r": 8, "quantize": "nf4"}, [3e-3]),
     "lamda++-r16-smallest": ({"method": "lamda++", "r": 16, "freeze_order": "smallest_first"}, [1e-3, 3e-3]),
+    # SPEC section 9's alternatives, each with the head at 3e-3 like the current default
+    "lamda-r16-ortho-s10": ({"method": "lamda", "r": 16, "init": "orthonormal", "s_lr_scale": 10.0}, [1e-3]),
+    "lamda-r16-ortho-s30": ({"method": "lamda", "r": 16, "init": "orthonormal", "s_lr_scale": 30.0}, [1e-3]),
+    "lamda-r16-ff0.6": ({"method": "lamda", "r": 16, "freeze_fraction": 0.6}, [1e-3]),
+    "lamda-r16-ff1.0": ({"method": "lamda", "r": 16, "freeze_fraction": 1.0}, [1e-3]),
+    "lamda-r16-s0.3": ({"method": "lamda", "r": 16, "s_lr_scale": 0.3}, [2e-3]),
+    "lamda-r16-s3": ({"method": "lamda", "r": 16, "s_lr_scale": 3.0}, [5e-4]),
 }
 PRESETS = {
     "minilm": {"model": "minilm", "task": "classification", "epochs": 5, "batch_size": 16, "max_length": 128},

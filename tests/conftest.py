@@ -90,15 +90,14 @@ def save_tiny_llama_with_smollm2_tokenizer(folder, **config):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **config,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    fields = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    LlamaForCausalLM(LlamaConfig(**{**fields, **config})).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return tokenizer

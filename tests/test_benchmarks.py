@@ -148,3 +148,20 @@ def test_quant_memory_structure(results):
     assert m["qlamda_before"]["trainable_parameters"] < m["qlora"]["trainable_parameters"]
     # Saved bytes do not depend on load: LaMDA keeps only r-wide activations on top of the base's.
     assert m["qlamda_after"]["saved_activation_bytes"] < m["qlora"]["saved_activation_bytes"]
+
+
+def test_quality_quick_runs_every_baseline_through_the_cli_path(tmp_path):
+    """quality.py --quick: LoRA, PiSSA, VeRA, full fine-tuning, LaMDA and LaMDA++ each train (4 steps)
+    through `run_training`, and the summary keeps one best row per variant."""
+    variants = ["lora-r8", "pissa-r8", "vera-r256", "full", "lamda-r16", "lamda++-r16"]
+    out = tmp_path / "quality.json"
+    run("quality.py", "--quick", "--variants", ",".join(variants), "--output", str(out))
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python benchmarks/quality.py --quick")
+    best = {row["variant"]: row for row in data["best_per_variant"]}
+    assert sorted(best) == sorted(variants)
+    for row in data["runs"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["train_steps"] == 4
+    # at the end only S (r x r per layer) and the head train: >= 10x fewer than LoRA r=8
+    assert best["lamda-r16"]["trainable_params_end"] * 10 <= best["lora-r8"]["trainable_params_end"]
+    assert best["full"]["trainable_params_end"] > best["lora-r8"]["trainable_params_end"] * 10

@@ -8,32 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import save_tiny_llama_with_smollm2_tokenizer
 from lamda_peft.cli import main
 from lamda_peft.recursive import decoder_layers, load_recursive, relaxations
+
+# loopable: 4 layers; the CLI evaluates at lengths up to 128
+FOUR_LAYERS = {"num_hidden_layers": 4, "max_position_embeddings": 128, "tie_word_embeddings": True}
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_folder(tmp_path_factory):
     """A 4-layer Llama with SmolLM2's tokenizer (real text needs a real tokenizer)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lamda_peft import assets
-
-    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
     folder = tmp_path_factory.mktemp("tiny") / "llama"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_llama_with_smollm2_tokenizer(folder, **FOUR_LAYERS)
     return folder
 
 

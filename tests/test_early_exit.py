@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from conftest import save_tiny_llama_with_smollm2_tokenizer
 from lamda_peft.early_exit import (
     early_exit_counts,
     early_exit_profile,
@@ -124,26 +125,11 @@ def test_recursive_cli_early_exit(tmp_path, capsys):
     """`lamda-peft recursive --early-exit` on a tiny Llama with SmolLM2's tokenizer and real text."""
     import json
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lamda_peft import assets
     from lamda_peft.cli import main
+    from test_cli_recursive import FOUR_LAYERS
 
-    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
     folder = tmp_path / "llama"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_llama_with_smollm2_tokenizer(folder, **FOUR_LAYERS)
     argv = ["recursive", str(folder), "--unique-layers", "2", "--eval-rows", "4", "--max-length", "32"]
     assert main(argv + ["--early-exit"]) == 0
     captured = capsys.readouterr()

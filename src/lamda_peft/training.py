@@ -192,23 +192,29 @@ def _wrap(model, s: TrainSettings, head: str | list[str] | None, model_path: str
             p.requires_grad_(True)
         return model
     if s.method in PEFT_METHODS:
-        from peft import LoraConfig, VeraConfig, get_peft_model
+        from peft import VeraConfig, get_peft_model
 
         names = find_targets(model, targets, exclude=modules_to_save)
         if s.method == "vera":
             cfg = VeraConfig(r=s.r, target_modules=names, vera_dropout=s.dropout, modules_to_save=modules_to_save)
         else:
-            init = "pissa_niter_4" if s.method == "pissa" else True
-            cfg = LoraConfig(
-                r=s.r,
-                lora_alpha=s.alpha or s.r,
-                target_modules=names,
-                lora_dropout=s.dropout,
-                modules_to_save=modules_to_save,
-                init_lora_weights=init,
-            )
+            cfg = _lora_config(s, names, modules_to_save, init="pissa_niter_4" if s.method == "pissa" else True)
         return get_peft_model(model, cfg)
     return get_lamda_model(model, _lamda_config(s, targets, modules_to_save, model_path))
+
+
+def _lora_config(s: TrainSettings, names: list[str], modules_to_save, init: bool | str = True):
+    """PEFT's LoraConfig for the LoRA, PiSSA and QLoRA baselines (alpha defaults to r, like LaMDA's)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=s.r,
+        lora_alpha=s.alpha or s.r,
+        target_modules=names,
+        lora_dropout=s.dropout,
+        modules_to_save=modules_to_save,
+        init_lora_weights=init,
+    )
 
 
 def _lamda_config(s: TrainSettings, targets, modules_to_save, model_path: str, **quant) -> LamdaConfig:
@@ -238,18 +244,11 @@ def _wrap_quantized(model, s: TrainSettings, targets, modules_to_save, model_pat
         raise CLIError("--loftq-iters applies to LaMDA's quantized residual, not to --method lora")
     try:
         if s.method == "lora":
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
 
             names = find_targets(model, targets, exclude=modules_to_save)
             quantize_model_linears(model, names, s.quantize)  # QLoRA's base: Q(W) in place of W
-            cfg = LoraConfig(
-                r=s.r,
-                lora_alpha=s.alpha or s.r,
-                target_modules=names,
-                lora_dropout=s.dropout,
-                modules_to_save=modules_to_save,
-            )
-            return get_peft_model(model, cfg)
+            return get_peft_model(model, _lora_config(s, names, modules_to_save))
         cfg = _lamda_config(s, targets, modules_to_save, model_path, quantize=s.quantize, loftq_iters=s.loftq_iters)
         return get_lamda_model(model, cfg)
     except (MissingQuantExtraError, QuantizationError) as err:
