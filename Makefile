@@ -53,7 +53,7 @@ bench-inference: setup  ## merged vs unmerged latency; the exported LoRA served 
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/report.py
 
-bench-recursive: setup  ## relaxed recursive SmolLM2: held-out loss vs unique parameters, before/after a short CPU uptraining (~15 min)
+bench-recursive: setup  ## relaxed recursive SmolLM2, the K x init x rank grid: held-out loss vs unique parameters, before/after a short CPU uptraining (~90 min on 1 thread)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/recursive.py
 
 bench-quant: setup  ## weight and output error at init: plain NF4 vs LaMDA's residual NF4 (MiniLM, SmolLM2; ~45 min on 2 shared cores)

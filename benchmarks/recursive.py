@@ -7,7 +7,10 @@ Held-out text: the first --eval-rows reviews of the bundled drug-review test spl
 next-token loss over every real token (max --max-length tokens each). Uptraining: plain AdamW on
 the train split's review text (loss on every token), --train-steps steps of --batch rows, the same
 for every model; every unique parameter trains (shared weights, relaxations, norms, embeddings).
-Writes benchmarks/results/recursive_smollm2.json (after every configuration, so a cut-short run
+The grid is the issue's: K in {15, 10} x init in {stepwise, average} x relax rank in {0, 16, 64},
+against the full model and the models cut to 15 and 10 layers; every reduced model is uptrained.
+`--reuse OLD.json` keeps OLD's rows measured with the same settings; `--quick` (needs --out) runs
+three rows on two short texts for one step, to check the plumbing. Writes benchmarks/results/recursive_smollm2.json (after every configuration, so a cut-short run
 keeps what it measured) and recursive_smollm2.png.
 
     OMP_NUM_THREADS=1 python benchmarks/recursive.py --early-exit-only
@@ -36,25 +39,19 @@ from lamda_peft.cli.recursive import heldout_early_exit, heldout_loss, heldout_t
 from lamda_peft.recursive import make_recursive, parameter_counts, truncate_layers
 
 RESULTS = Path(__file__).parent / "results"
+TRAIN_KEYS = ("train_steps", "train_length", "batch", "lr")
 
-# (name, kind, K, init, rank): kind "full" | "cut" | "recursive"
-BEFORE = [
-    ("full", "full", 30, None, None),
-    ("cut 15", "cut", 15, None, None),
-    ("cut 10", "cut", 10, None, None),
-    ("K15 stepwise r0", "recursive", 15, "stepwise", 0),
-    ("K15 stepwise r16", "recursive", 15, "stepwise", 16),
-    ("K15 stepwise r64", "recursive", 15, "stepwise", 64),
-    ("K15 average r0", "recursive", 15, "average", 0),
-    ("K15 average r64", "recursive", 15, "average", 64),
-    ("K10 stepwise r0", "recursive", 10, "stepwise", 0),
-    ("K10 stepwise r64", "recursive", 10, "stepwise", 64),
-    ("K10 average r0", "recursive", 10, "average", 0),
+# (name, kind, K, init, rank): kind "full" | "cut" | "recursive"; the grid, K x init x rank
+GRID = [("full", "full", 30, None, None), ("cut 15", "cut", 15, None, None), ("cut 10", "cut", 10, None, None)] + [
+    (f"K{k} {init} r{rank}", "recursive", k, init, rank)
+    for k in (15, 10)
+    for init in ("stepwise", "average")
+    for rank in (0, 16, 64)
 ]
-UPTRAIN = ["cut 15", "K15 stepwise r0", "K15 stepwise r64", "K15 average r0"]
+QUICK_GRID = ["full", "cut 15", "K15 average r0"]
 # early exit: (name, kind, loop size K, init, rank, uptrained); the full model, read with loops of 15
 # or 10 layers, shows what a deep model's intermediate layers give the LM head; "uptrained" rows first
-# run the same uptraining as the UPTRAIN rows (--train-steps steps, same data and settings)
+# run the same uptraining as the grid's rows (--train-steps steps, same data and settings)
 EARLY_EXIT = [
     ("full, loops of 15", "full", 15, None, None, False),
     ("full, loops of 10", "full", 10, None, None, False),
@@ -90,7 +87,7 @@ def uptrain(model, tokenizer, texts: list[str], steps: int, batch: int, length: 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         tokens += int(enc.attention_mask.sum())
     elapsed = time.time() - start
     model.eval()
@@ -114,7 +111,7 @@ def early_exit_only(args, base, tokenizer, texts: list[str], out: Path) -> None:
             "max_length": args.max_length,
             "relax": "lamda",
             "when": "before uptraining, except the rows named 'uptrained'",
-            "uptraining": {k: getattr(args, k) for k in ("train_steps", "train_length", "batch", "lr")},
+            "uptraining": {k: getattr(args, k) for k in TRAIN_KEYS},
         },
         "estimate_note": "throughput_gain_estimate = num_loops / mean_exit_loop: the gain depth-wise batching would "
         "give if every token left at its earliest stable loop (final prediction as oracle), every loop cost the same "
@@ -176,7 +173,7 @@ def main() -> None:
     ap.add_argument("--train-length", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--out", default=str(RESULTS / "recursive_smollm2.json"))
+    ap.add_argument("--out", default=None, help="JSON to write (default: results/recursive_smollm2.json)")
     ap.add_argument(
         "--early-exit-only",
         action="store_true",
@@ -185,7 +182,13 @@ def main() -> None:
     ap.add_argument(
         "--reuse", default=None, help="a previous JSON: its rows of the same name and settings are not re-evaluated"
     )
+    ap.add_argument("--quick", action="store_true", help="full, cut 15 and K15 average r0 on 2 short texts, 1 step")
     args = ap.parse_args()
+    if args.quick and args.out is None:
+        ap.error("--quick needs --out (it must not replace the committed results)")
+    args.out = args.out or str(RESULTS / "recursive_smollm2.json")
+    if args.quick:
+        args.eval_rows, args.max_length, args.train_steps, args.batch, args.train_length = 2, 16, 1, 1, 16
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,6 +217,8 @@ def main() -> None:
         "uptraining": [],
     }
     out = Path(args.out)
+    if out.is_file() and "early_exit" in json.loads(out.read_text()):  # written by --early-exit-only: keep it
+        results["early_exit"] = json.loads(out.read_text())["early_exit"]
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,10 +229,16 @@ def main() -> None:
         old = json.loads(Path(args.reuse).read_text())
         same = all(old["settings"].get(k) == getattr(args, k) for k in ("eval_rows", "max_length"))
         previous = {row["name"]: row for row in old["before"]} if same else {}
-    models = {}
-    for name, kind, k, init, rank in BEFORE:
-        if name in previous and name not in UPTRAIN:
+    old_after = {}
+    if args.reuse:
+        same_training = all(old["settings"].get(k) == getattr(args, k) for k in TRAIN_KEYS)
+        old_after = {row["name"]: row for row in old.get("uptraining", [])} if same and same_training else {}
+    grid = [row for row in GRID if not args.quick or row[0] in QUICK_GRID]
+    for name, kind, k, init, rank in grid:
+        if name in previous and (kind == "full" or name in old_after):  # nothing left to measure
             results["before"].append({**previous[name], "reused_from": args.reuse})
+            if name in old_after:
+                results["uptraining"].append({**old_after[name], "reused_from": args.reuse})
             continue
         start = time.time()
         model = build(base, kind, k, init, rank)
@@ -242,23 +253,18 @@ def main() -> None:
         results["before"].append(row)
         print(json.dumps(row), flush=True)
         save()
-        if name in UPTRAIN:
-            models[name] = (model, row)
-        else:
-            del model
-    for name in UPTRAIN:
-        model, row = models.pop(name)
-        stats = uptrain(model, tokenizer, train_texts, args.train_steps, args.batch, args.train_length, args.lr)
-        after = {
-            "name": name,
-            "unique_parameters": row["unique_parameters"],
-            "heldout_loss_before": row["heldout_loss"],
-            "heldout_loss_after": heldout_loss(model, tokenizer, texts, args.max_length),
-            **stats,
-        }
-        results["uptraining"].append(after)
-        print(json.dumps({k: v for k, v in after.items() if k != "train_losses"}), flush=True)
-        save()
+        if kind != "full":  # uptrain every reduced model with the same data, steps and settings
+            stats = uptrain(model, tokenizer, train_texts, args.train_steps, args.batch, args.train_length, args.lr)
+            after = {
+                "name": name,
+                "unique_parameters": row["unique_parameters"],
+                "heldout_loss_before": row["heldout_loss"],
+                "heldout_loss_after": heldout_loss(model, tokenizer, texts, args.max_length),
+                **stats,
+            }
+            results["uptraining"].append(after)
+            print(json.dumps({key: v for key, v in after.items() if key != "train_losses"}), flush=True)
+            save()
         del model
     plot(results, out.with_suffix(".png"))
     save()

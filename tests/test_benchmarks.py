@@ -165,3 +165,21 @@ def test_quality_quick_runs_every_baseline_through_the_cli_path(tmp_path):
     # at the end only S (r x r per layer) and the head train: >= 10x fewer than LoRA r=8
     assert best["lamda-r16"]["trainable_params_end"] * 10 <= best["lora-r8"]["trainable_params_end"]
     assert best["full"]["trainable_params_end"] > best["lora-r8"]["trainable_params_end"] * 10
+
+
+def test_recursive_quick_uptrains_every_reduced_model(tmp_path):
+    """recursive.py --quick on the real SmolLM2: the full model is evaluated once, each reduced model
+    before and after its (1-step) uptraining; unique parameters follow the layer count."""
+    out = tmp_path / "recursive.json"
+    run("recursive.py", "--quick", "--out", str(out))
+    data = json.loads(out.read_text())
+    before = {row["name"]: row for row in data["before"]}
+    after = {row["name"]: row for row in data["uptraining"]}
+    assert list(before) == ["full", "cut 15", "K15 average r0"] and list(after) == ["cut 15", "K15 average r0"]
+    assert before["K15 average r0"]["unique_parameters"] < before["full"]["unique_parameters"]
+    for name, row in after.items():
+        assert row["heldout_loss_before"] == before[name]["heldout_loss"]
+        assert row["train_tokens"] > 0 and len(row["train_losses"]) == 1
+    assert (tmp_path / "recursive.png").stat().st_size > 0
+    with pytest.raises(subprocess.CalledProcessError):  # --quick never replaces the committed results
+        run("recursive.py", "--quick")
