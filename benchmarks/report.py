@@ -472,6 +472,54 @@ def readme_summary(results_dir: Path) -> list[str]:
     return _table(["target", "goal", "measured", "status", "setting"], rows)
 
 
+def recursive_section(data: dict) -> list[str]:
+    """Relaxed recursive SmolLM2: the K x init x rank grid before and after the same short uptraining."""
+    st = data["settings"]
+    out = ["## Relaxed recursive SmolLM2 (issue 12)", "", f"Command: `{data['command']}`.", ""]
+    out.append(
+        f"Held-out: {st['heldout']}, up to {st['max_length']} tokens each. Uptraining: {st['train_steps']} AdamW "
+        f"steps, lr {st['lr']:g}, batch {st['batch']} x {st['train_length']} tokens, every unique parameter, "
+        f"{data['machine']['torch_threads']} thread(s). Gap recovered = (loss of the same K and init at rank 0 - "
+        "loss) / (that rank-0 loss - full model's loss)."
+    )
+    out.append("")
+    after = {r["name"]: r for r in data.get("uptraining", [])}
+    before = {r["name"]: r for r in data["before"]}
+    full = before.get("full", {}).get("heldout_loss")
+    rows = []
+    for name, r in before.items():
+        a = after.get(name, {})
+        gap = {}
+        if r["kind"] == "recursive" and r["relax_rank"]:
+            base = name.rsplit(" ", 1)[0] + " r0"
+            for when, key, table in (("before", "heldout_loss", before), ("after", "heldout_loss_after", after)):
+                if base in table and name in table and full is not None:
+                    b0 = table[base][key]
+                    gap[when] = f"{(b0 - table[name][key]) / (b0 - full) * 100:+.0f}%"
+        rows.append(
+            [
+                name,
+                f"{r['unique_parameters'] / 1e6:.1f}M",
+                f"{r['heldout_loss']:.2f}",
+                f"{a['heldout_loss_after']:.2f}" if a else "",
+                f"{a['tokens_per_s']:.0f}" if a else "",
+                f"{gap.get('before', '')} / {gap.get('after', '')}" if gap else "",
+            ]
+        )
+    out += _table(
+        [
+            "model",
+            "unique params",
+            "loss before",
+            "loss after",
+            "uptraining tokens/s",
+            "gap recovered (before / after)",
+        ],
+        rows,
+    )
+    return out + [""]
+
+
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -511,6 +559,7 @@ def main(argv=None) -> int:
         ("inference", inference_section),
         ("lean_memory", lean_memory_section),
         ("quality_minilm_3seeds", quality_section),
+        ("recursive_smollm2", recursive_section),
     ):
         path = args.results_dir / f"{stem}.json"
         if path.is_file():

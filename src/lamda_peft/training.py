@@ -22,14 +22,12 @@ from transformers.trainer_callback import PrinterCallback
 from lamda_peft import assets, recursive
 from lamda_peft.checkpoint import atomic_write_bytes, load_adapter_state
 from lamda_peft.cli import CLIError
-from lamda_peft.config import LamdaConfig
 from lamda_peft.integrations.fault_guard import FaultGuard, stop_message
 from lamda_peft.integrations.hf_trainer import LamdaCallback, LamdaTrainer, LeanTrainer
 from lamda_peft.integrations.recursive_trainer import RecursiveTrainer, RelaxationFreeze
 from lamda_peft.lean import DEFAULT_CHUNK_TOKENS
-from lamda_peft.model import get_lamda_model
+from lamda_peft.methods import count_trainable, wrap_model
 from lamda_peft.settings import TrainSettings
-from lamda_peft.targets import default_targets, find_targets
 from lamda_peft.tasks import causal_lm, classification, data, generation, seq2seq
 from lamda_peft.tasks.metrics import HIGHER_IS_BETTER, regression_metrics, resolve_metric, trainer_compute_metrics
 
@@ -44,7 +42,6 @@ RUN_ARTIFACTS = (
     "loss.png",
     "trainable_params.png",
 )
-PEFT_METHODS = ("lora", "pissa", "vera")  # baselines through the real peft
 BUNDLED_MODELS = {"minilm": assets.minilm_path, "smollm2": assets.smollm2_path}
 
 
@@ -175,92 +172,6 @@ def _causal_rows(tokenizer, df, s, source):
     return causal_lm.tokenize_sft(tokenizer, None, df[s.text_column].astype(str).tolist(), s.max_length)
 
 
-def _wrap(model, s: TrainSettings, head: str | list[str] | None, model_path: str):
-    """Apply the adapter method; returns the wrapped model."""
-    modules_to_save = ([head] if isinstance(head, str) else list(head)) if head else None
-    targets: list[str] | str = (
-        default_targets(model)
-        if s.targets == "auto"
-        else s.targets
-        if s.targets == "all-linear"
-        else ([t.strip() for t in s.targets.split(",")] if "," in s.targets or s.targets.isidentifier() else s.targets)
-    )
-    if s.quantize != "none":
-        return _wrap_quantized(model, s, targets, modules_to_save, model_path)
-    if s.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if s.method in PEFT_METHODS:
-        from peft import VeraConfig, get_peft_model
-
-        names = find_targets(model, targets, exclude=modules_to_save)
-        if s.method == "vera":
-            cfg = VeraConfig(r=s.r, target_modules=names, vera_dropout=s.dropout, modules_to_save=modules_to_save)
-        else:
-            cfg = _lora_config(s, names, modules_to_save, init="pissa_niter_4" if s.method == "pissa" else True)
-        return get_peft_model(model, cfg)
-    return get_lamda_model(model, _lamda_config(s, targets, modules_to_save, model_path))
-
-
-def _lora_config(s: TrainSettings, names: list[str], modules_to_save, init: bool | str = True):
-    """PEFT's LoraConfig for the LoRA, PiSSA and QLoRA baselines (alpha defaults to r, like LaMDA's)."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=s.r,
-        lora_alpha=s.alpha or s.r,
-        target_modules=names,
-        lora_dropout=s.dropout,
-        modules_to_save=modules_to_save,
-        init_lora_weights=init,
-    )
-
-
-def _lamda_config(s: TrainSettings, targets, modules_to_save, model_path: str, **quant) -> LamdaConfig:
-    return LamdaConfig(
-        r=s.r,
-        alpha=s.alpha,
-        target_modules=targets,
-        dropout=s.dropout,
-        freeze_fraction=s.freeze_fraction,
-        freeze_order=s.freeze_order,
-        init=s.init,
-        s_lr_scale=s.s_lr_scale,
-        modules_to_save=modules_to_save,
-        rank_allocation="energy" if s.method == "lamda++" else "none",
-        base_model_name_or_path=model_path,
-        **quant,
-    )
-
-
-def _wrap_quantized(model, s: TrainSettings, targets, modules_to_save, model_path: str):
-    """--quantize: QLaMDA (residual quantization) or, for --method lora, PEFT QLoRA on the same base."""
-    from lamda_peft.quantization import MissingQuantExtraError, QuantizationError, quantize_model_linears
-
-    if s.method not in ("lamda", "lamda++", "lora"):
-        raise CLIError(f"--quantize works with --method lamda, lamda++ or lora (QLoRA), not {s.method!r}")
-    if s.loftq_iters and s.method == "lora":
-        raise CLIError("--loftq-iters applies to LaMDA's quantized residual, not to --method lora")
-    try:
-        if s.method == "lora":
-            from peft import get_peft_model
-
-            names = find_targets(model, targets, exclude=modules_to_save)
-            quantize_model_linears(model, names, s.quantize)  # QLoRA's base: Q(W) in place of W
-            return get_peft_model(model, _lora_config(s, names, modules_to_save))
-        cfg = _lamda_config(s, targets, modules_to_save, model_path, quantize=s.quantize, loftq_iters=s.loftq_iters)
-        return get_lamda_model(model, cfg)
-    except (MissingQuantExtraError, QuantizationError) as err:
-        raise CLIError(str(err)) from None
-
-
-def count_trainable(model) -> int:
-    if hasattr(model, "trainable_parameter_count"):
-        return model.trainable_parameter_count()
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint (the Trainer writes trainer_state.json last; a kill mid-save leaves none)."""
     ckpts = sorted(
@@ -348,7 +259,7 @@ def run_training(s: TrainSettings) -> dict:
     model = (
         recursive.prepare_uptraining(base, s.method, s.freeze_shared)
         if is_recursive
-        else _wrap(base, s, head, model_path)
+        else wrap_model(base, s, head, model_path)
     )
     is_lamda = s.method in ("lamda", "lamda++")
     if resume is not None and is_lamda:
