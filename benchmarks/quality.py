@@ -48,8 +48,16 @@ VARIANTS = {
     "lamda-r16-ff1.0": ({"method": "lamda", "r": 16, "freeze_fraction": 1.0}, [1e-3]),
     "lamda-r16-s0.3": ({"method": "lamda", "r": 16, "s_lr_scale": 0.3}, [2e-3]),
     "lamda-r16-s3": ({"method": "lamda", "r": 16, "s_lr_scale": 3.0}, [5e-4]),
+    "lamda-r16-act": ({"method": "lamda", "r": 16, "init": "activation"}, [1e-3, 3e-3]),
+    "lamda-r16-combo": (
+        {"method": "lamda", "r": 16, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        [5e-4],
+    ),
     "lamda-r16-warm0.1": ({"method": "lamda", "r": 16, "warmup_ratio": 0.1}, [1e-3]),
-    "lamda-r16-smallest-ff0.6": ({"method": "lamda", "r": 16, "freeze_order": "smallest_first", "freeze_fraction": 0.6}, [1e-3]),
+    "lamda-r16-smallest-ff0.6": (
+        {"method": "lamda", "r": 16, "freeze_order": "smallest_first", "freeze_fraction": 0.6},
+        [1e-3],
+    ),
 }
 PRESETS = {
     "minilm": {"model": "minilm", "task": "classification", "epochs": 5, "batch_size": 16, "max_length": 128},

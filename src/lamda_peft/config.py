@@ -26,7 +26,7 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "LAMDA"
 
 _FREEZE_ORDERS = ("largest_first", "smallest_first")
-_INITS = ("spectral", "orthonormal")
+_INITS = ("spectral", "orthonormal", "activation")
 _SVD_METHODS = ("auto", "full", "lowrank")
 _RANK_ALLOCATIONS = ("none", "energy")
 _RANK_BUDGETS = ("params", "rank")
@@ -61,6 +61,9 @@ class LamdaConfig(PeftConfig):
             singular value, as the authors' code; the default [ours]) or "smallest_first".
         init: "spectral" (the paper: A = sqrt(s) Vh, B = U sqrt(s), S = I) or "orthonormal"
             (A = Vh, B = U, S = diag(s)); both start from the same residual base W - scaling*B S A.
+            "activation" [ours]: A spans the top-r principal directions of the layer's inputs on
+            calibration data (`get_lamda_model(..., calibration=...)`), B0 = W on that subspace,
+            split like "spectral"; the same residual base. See `spectral.activation_factors`.
         s_lr_scale: multiplier on the learning rate of S in `lamda_param_groups` (1 = same rate).
         svd: "full" (exact SVD in float64), "lowrank" (`torch.svd_lowrank`, randomised) or
             "auto": full for matrices up to `svd_full_max_dim`, low-rank above it.

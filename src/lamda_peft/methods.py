@@ -13,8 +13,11 @@ from lamda_peft.targets import default_targets, find_targets
 PEFT_METHODS = ("lora", "pissa", "vera")  # baselines through the real peft
 
 
-def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path: str):
-    """Apply `s.method` (and `s.quantize`) to `model`; returns the wrapped model."""
+def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path: str, calibration=None):
+    """Apply `s.method` (and `s.quantize`) to `model`; returns the wrapped model.
+
+    `calibration`: keyword batches for `--init activation` (LaMDA only; see `get_lamda_model`).
+    """
     modules_to_save = ([head] if isinstance(head, str) else list(head)) if head else None
     targets: list[str] | str = (
         default_targets(model)
@@ -24,6 +27,8 @@ def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path
         else ([t.strip() for t in s.targets.split(",")] if "," in s.targets or s.targets.isidentifier() else s.targets)
     )
     if s.quantize != "none":
+        if s.init == "activation" and s.method != "lora":
+            raise CLIError("--init activation does not combine with --quantize yet; use --init spectral")
         return _wrap_quantized(model, s, targets, modules_to_save, model_path)
     if s.method == "full":
         for p in model.parameters():
@@ -38,7 +43,12 @@ def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path
         else:
             cfg = _lora_config(s, names, modules_to_save, init="pissa_niter_4" if s.method == "pissa" else True)
         return get_peft_model(model, cfg)
-    return get_lamda_model(model, _lamda_config(s, targets, modules_to_save, model_path))
+    try:
+        return get_lamda_model(model, _lamda_config(s, targets, modules_to_save, model_path), calibration=calibration)
+    except ValueError as err:
+        if s.init == "activation":  # calibration problems are the user's input: a CLI error, no traceback
+            raise CLIError(f"--init activation: {err}") from None
+        raise
 
 
 def _lora_config(s: TrainSettings, names: list[str], modules_to_save, init: bool | str = True):

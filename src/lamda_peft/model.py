@@ -18,7 +18,7 @@ from lamda_peft.config import LamdaConfig
 from lamda_peft.layer import LamdaLinear, linear_shape, torch_layout_weight
 from lamda_peft.quantization import build_quantized_layers, uses_quantization
 from lamda_peft.schedule import FreezeSchedule
-from lamda_peft.spectral import SpectralFactors, spectral_factors
+from lamda_peft.spectral import SpectralFactors, activation_factors, spectral_factors
 from lamda_peft.targets import find_targets
 
 
@@ -39,6 +39,17 @@ def initial_factors(weight: torch.Tensor, r: int, config: LamdaConfig) -> Spectr
         full_max_dim=config.svd_full_max_dim,
     )
     return SpectralFactors(*(t.to(weight.device) for t in f))
+
+
+def check_ranks(model: nn.Module, config: LamdaConfig, targets: list[str]) -> None:
+    """Every target's rank fits its weight (r <= min(d_in, d_out)), or a ValueError naming the module."""
+    for name in targets:
+        d_out, d_in = linear_shape(model.get_submodule(name))
+        r = config.rank_for(name)
+        if r > min(d_out, d_in):
+            raise ValueError(
+                f"rank {r} for module {name!r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of its {d_out}x{d_in} weight"
+            )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -65,7 +76,7 @@ class LamdaModel(nn.Module):
         self._warned_unscheduled = False
         targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
         if factors is None:
-            self._check_ranks(targets)
+            check_ranks(model, config, targets)
         # Quantized bases (issue 11) are built first and checked whole: an error modifies nothing.
         quantized = (
             build_quantized_layers(model, targets, config, factors) if uses_quantization(model, targets, config) else {}
@@ -89,15 +100,6 @@ class LamdaModel(nn.Module):
         for name in config.modules_to_save or []:
             for p in self._module_to_save(name).parameters():
                 p.requires_grad_(True)
-
-    def _check_ranks(self, targets: list[str]) -> None:
-        for name in targets:
-            d_out, d_in = linear_shape(self.model.get_submodule(name))
-            r = self.config.rank_for(name)
-            if r > min(d_out, d_in):
-                raise ValueError(
-                    f"rank {r} for module {name!r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of its {d_out}x{d_in} weight"
-                )
 
     def _module_to_save(self, name: str) -> nn.Module:
         try:
@@ -237,16 +239,77 @@ class LamdaModel(nn.Module):
         return export_lora(self, directory)
 
 
-def get_lamda_model(model: nn.Module, config: LamdaConfig) -> LamdaModel:
+def input_covariances(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
+    """X^T X (float64) of the inputs of each named linear over the calibration batches.
+
+    `calibration` is an iterable of keyword batches for `model(**batch)`; rows that a batch's
+    `attention_mask` marks as padding are left out. Runs without gradients; the model's mode is kept.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(name):
+        def record(module, args, output):
+            x = args[0].detach()
+            m = mask[0]
+            if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
+                x = x[m.bool()]
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            sums[name] = sums.get(name, 0) + x.T @ x
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                mask[0] = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise ValueError(f"init='activation': the calibration batches never reached {missing[:3]} (no input seen)")
+    return sums
+
+
+def activation_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[str, SpectralFactors]:
+    """init="activation": each target's A, B0, S0 from its inputs' principal directions on `calibration`."""
+    if calibration is None:
+        raise ValueError(
+            "init='activation' needs calibration inputs: get_lamda_model(model, config, calibration=[batch, ...]) "
+            "(`lamda-peft train` uses the first --calibration-rows training rows)"
+        )
+    if config.quantize not in (None, "none"):
+        raise ValueError("init='activation' does not combine with quantize yet; use init='spectral'")
+    targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
+    check_ranks(model, config, targets)  # before the calibration pass
+    covs = input_covariances(model, targets, calibration)
+    factors = {}
+    for name in targets:
+        weight = torch_layout_weight(model.get_submodule(name))
+        f = activation_factors(weight, covs[name], config.rank_for(name), dtype=_adapter_dtype(weight))
+        factors[name] = SpectralFactors(*(t.to(weight.device) for t in f))
+    return factors
+
+
+def get_lamda_model(model: nn.Module, config: LamdaConfig, calibration=None) -> LamdaModel:
     """Wrap `model` with LaMDA adapters described by `config`.
 
     Everything is frozen except each adapter's S core, its B (until the schedule freezes it) and
     the `modules_to_save`. With `config.rank_allocation == "energy"` (LaMDA++) and no
     `rank_pattern` yet, ranks are allocated from the pretrained spectra first and stored in the
-    config's `rank_pattern`.
+    config's `rank_pattern`. With `config.init == "activation"`, `calibration` (keyword batches
+    for `model(**batch)`, e.g. a few hundred training rows) sets each A; reloading needs none.
     """
     if config.rank_allocation == "energy" and not config.rank_pattern:
         from lamda_peft.rank_allocation import allocate_model_ranks
 
         config.rank_pattern = allocate_model_ranks(model, config).ranks
-    return LamdaModel(model, config)
+    if config.init != "activation":
+        return LamdaModel(model, config)
+    return LamdaModel(model, config, factors=activation_init(model, config, calibration))

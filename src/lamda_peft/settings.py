@@ -86,7 +86,12 @@ class TrainSettings:
     freeze_order: str = _f(
         "largest_first", "LaMDA: which components of B freeze first", choices=["largest_first", "smallest_first"]
     )
-    init: str = _f("spectral", "LaMDA initialisation of A, B, S", choices=["spectral", "orthonormal"])
+    init: str = _f(
+        "spectral",
+        "LaMDA initialisation of A, B, S (activation: A from the inputs' principal directions on --calibration-rows)",
+        choices=["spectral", "orthonormal", "activation"],
+    )
+    calibration_rows: int = _f(256, "init activation: training rows whose layer inputs set A")
     s_lr_scale: float = _f(1.0, "LaMDA: learning-rate multiplier for the core S")
     dropout: float = _f(0.0, "dropout on the adapter input (0 keeps LaMDA's activation saving)")
     freeze_shared: bool = _f(False, "recursive model folders: keep the shared layer weights frozen while uptraining")
@@ -146,6 +151,7 @@ class TrainSettings:
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.max_target_length >= 1, "max_target_length must be >= 1"),
             (self.loftq_iters >= 0, "loftq_iters must be >= 0"),
+            (self.calibration_rows >= 1, "calibration_rows must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

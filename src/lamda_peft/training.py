@@ -172,6 +172,14 @@ def _causal_rows(tokenizer, df, s, source):
     return causal_lm.tokenize_sft(tokenizer, None, df[s.text_column].astype(str).tolist(), s.max_length)
 
 
+def _calibration_batches(train_rows: list[dict], collator, s: TrainSettings) -> list[dict] | None:
+    """--init activation: the first --calibration-rows training rows, collated in --batch-size batches."""
+    if s.init != "activation" or s.method not in ("lamda", "lamda++"):
+        return None
+    rows = train_rows[: s.calibration_rows]
+    return [collator(rows[i : i + s.batch_size]) for i in range(0, len(rows), s.batch_size)]
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint (the Trainer writes trainer_state.json last; a kill mid-save leaves none)."""
     ckpts = sorted(
@@ -259,7 +267,7 @@ def run_training(s: TrainSettings) -> dict:
     model = (
         recursive.prepare_uptraining(base, s.method, s.freeze_shared)
         if is_recursive
-        else wrap_model(base, s, head, model_path)
+        else wrap_model(base, s, head, model_path, calibration=_calibration_batches(train_rows, collator, s))
     )
     is_lamda = s.method in ("lamda", "lamda++")
     if resume is not None and is_lamda:
