@@ -352,22 +352,28 @@ def plot_quality(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def quality_section(data: dict) -> list[str]:
-    out = ["## Quality at equal steps", "", f"Command: `{data['command']}`; preset {data['preset']}.", ""]
+def quality_section(data: dict, title: str = "Quality at equal steps") -> list[str]:
+    out = [f"## {title}", "", f"Command: `{data['command']}`; preset {data['preset']}.", ""]
     rows = []
     for b in data["best_per_variant"]:
+        per_seed = sorted(
+            (r["seed"], r["accuracy"]) for r in data["runs"] if r["variant"] == b["variant"] and r["lr"] == b["lr"]
+        )
         rows.append(
             [
                 b["variant"],
                 f"{b['lr']:g}",
-                str(b["seeds"]),
+                ", ".join(f"{seed}: {acc:.3f}" for seed, acc in per_seed),
                 f"{b['accuracy_mean']:.3f} +- {b['accuracy_std']:.3f}",
                 f"{b['macro_f1_mean']:.3f} +- {b['macro_f1_std']:.3f}",
                 f"{b['trainable_params_end']:,}",
                 f"{b['parameter_updates'] / 1e6:.1f} M",
             ]
         )
-    out += _table(["variant", "lr", "seeds", "accuracy (mean +- std)", "macro-F1", "trainable at end", "updates"], rows)
+    out += _table(
+        ["variant", "lr", "accuracy per seed", "accuracy (mean +- std)", "macro-F1", "trainable at end", "updates"],
+        rows,
+    )
     out.append("")
     return out
 
@@ -549,6 +555,9 @@ def main(argv=None) -> int:
         "",
     ]
 
+    def alternatives(data):
+        return quality_section(data, "Quality: SPEC section 9 alternatives and other LaMDA settings (MiniLM)")
+
     def focus(data):
         return step_memory_section(data, "Step time with more repetitions (a second, focused run)")
 
@@ -559,6 +568,7 @@ def main(argv=None) -> int:
         ("inference", inference_section),
         ("lean_memory", lean_memory_section),
         ("quality_minilm_3seeds", quality_section),
+        ("quality_minilm_alternatives", alternatives),
         ("recursive_smollm2", recursive_section),
     ):
         path = args.results_dir / f"{stem}.json"
@@ -568,7 +578,7 @@ def main(argv=None) -> int:
             if stem == "quality_minilm_3seeds":
                 plot_quality(payload, args.results_dir / "quality_vs_params.png")
                 lines += ["Plot: `results/quality_vs_params.png`.", ""]
-        elif stem not in ("step_time_focus", "quality_minilm_3seeds"):
+        elif stem not in ("step_time_focus", "quality_minilm_3seeds", "quality_minilm_alternatives"):
             lines += [f"_{path.name}: not found; run the benchmark first._", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines).rstrip() + "\n")

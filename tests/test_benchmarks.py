@@ -165,6 +165,11 @@ def test_quality_quick_runs_every_baseline_through_the_cli_path(tmp_path):
     # at the end only S (r x r per layer) and the head train: >= 10x fewer than LoRA r=8
     assert best["lamda-r16"]["trainable_params_end"] * 10 <= best["lora-r8"]["trainable_params_end"]
     assert best["full"]["trainable_params_end"] > best["lora-r8"]["trainable_params_end"] * 10
+    # --merge combines parallel workers' files: the same run twice is kept once, summary unchanged
+    merged = tmp_path / "merged.json"
+    run("quality.py", "--merge", str(out), str(out), "--output", str(merged))
+    both = json.loads(merged.read_text())
+    assert both["runs"] == data["runs"] and both["best_per_variant"] == data["best_per_variant"]
 
 
 def test_recursive_quick_uptrains_every_reduced_model(tmp_path):
