@@ -457,10 +457,11 @@ def readme_summary(results_dir: Path) -> list[str]:
                 f"{cfg['targets']} r={cfg['r']}, T={pu['settings']['total_steps']}",
             ]
         )
-    q = load("quality_minilm_3seeds")
+    q = load("quality_minilm_alternatives") or load("quality_minilm_3seeds")
     if q:
         best = {b["variant"]: b for b in q["best_per_variant"]}
-        lamda = next((b for v, b in best.items() if v.startswith("lamda-")), None)
+        # the default of `lamda-peft train` (the sweep's winner) when measured, else the first LaMDA row
+        lamda = best.get("lamda-r16-combo") or next((b for v, b in best.items() if v.startswith("lamda-")), None)
         lora = next((b for v, b in best.items() if v.startswith("lora")), None)
         if lamda and lora:
             gap = (lamda["accuracy_mean"] - lora["accuracy_mean"]) * 100
