@@ -52,6 +52,14 @@ def tiny_decoder(arch: str = "llama", layers: int = 4, dtype=torch.float64):
                 layer.self_attn.q_proj.bias.normal_()
     elif arch == "mistral":
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    elif arch == "gemma":  # RMSNorm as (1 + w), scaled embeddings, GeLU MLP
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        model = GemmaForCausalLM(GemmaConfig(**common, head_dim=8))
+    elif arch == "gemma2":  # four norms per layer, soft-capped logits, alternating sliding window
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8, attn_implementation="eager"))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     with torch.no_grad():  # random norm weights: tying must keep each position's own
@@ -92,6 +100,22 @@ def test_mistral_full_rank_is_exact_and_rank_zero_ties():
     assert_close(logits(make_recursive(copy.deepcopy(model), 2, init="average", relax_rank=32)), expected)
     tied = make_recursive(copy.deepcopy(model), 2, init="average")
     assert_close(logits(tied), logits(tied_reference(model, 2, "average")))
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2"])
+def test_gemma_layouts_full_rank_is_exact_and_rank_zero_ties(arch):
+    model = tiny_decoder(arch)
+    expected = logits(model)
+    assert_close(logits(make_recursive(copy.deepcopy(model), 2, init="stepwise", relax_rank=64)), expected)
+    tied = make_recursive(copy.deepcopy(model), 2, init="average")
+    assert_close(logits(tied), logits(tied_reference(model, 2, "average")))
+    layers = decoder_layers(tied)  # positions 0 and 2 loop the same shared layer, each with its own norms
+    norms0 = {n: p for n, p in layers[0].named_parameters() if "norm" in n}
+    norms2 = {n: p for n, p in layers[2].named_parameters() if "norm" in n}
+    assert len(norms0) == (4 if arch == "gemma2" else 2) and norms0.keys() == norms2.keys()
+    assert all(norms0[n].data_ptr() != norms2[n].data_ptr() for n in norms0)
+    q0, q2 = layers[0].self_attn.q_proj, layers[2].self_attn.q_proj
+    assert getattr(q0, "weight", q0).data_ptr() == getattr(q2, "weight", q2).data_ptr()  # one shared storage
 
 
 def test_qwen2_biases_stay_per_position_and_full_rank_is_exact():
