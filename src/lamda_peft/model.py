@@ -260,11 +260,13 @@ def input_covariances(model: nn.Module, names: list[str], calibration) -> dict[s
         return record
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    device = next(model.parameters()).device  # calibration batches may come from a CPU data loader
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for batch in calibration:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 mask[0] = batch.get("attention_mask")
                 model(**batch)
     finally:
