@@ -174,3 +174,17 @@ def test_accumulation_checkpointing_bf16_drive_the_schedule(tmp_path):
         v for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if k.endswith("lamda_frozen")
     ]
     assert all(bool(f.all()) for f in frozen)
+
+
+def test_method_dependent_defaults_resolve_and_explicit_values_win():
+    """lr and warm-up default per method (LaMDA: the 3-seed sweep's winner); given values are kept."""
+    from lamda_peft.settings import TrainSettings
+
+    lamda, lora = TrainSettings(method="lamda"), TrainSettings(method="lora")
+    lamda.validate()
+    lora.validate()
+    assert (lamda.lr, lamda.warmup_ratio, lamda.freeze_fraction, lamda.s_lr_scale) == (5e-4, 0.1, 0.6, 3.0)
+    assert (lora.lr, lora.warmup_ratio) == (1e-3, 0.0)
+    given = TrainSettings(method="lamda++", lr=2e-3, warmup_ratio=0.0)
+    given.validate()
+    assert (given.lr, given.warmup_ratio) == (2e-3, 0.0)
