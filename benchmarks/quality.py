@@ -57,6 +57,10 @@ VARIANTS = {
         {"method": "lamda", "r": 16, "quantize": "nf4", "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
         [5e-4],
     ),
+    "lamda++-r16-combo": (
+        {"method": "lamda++", "r": 16, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        [5e-4],
+    ),
     "lamda-r16-warm0.1": ({"method": "lamda", "r": 16, "warmup_ratio": 0.1}, [1e-3]),
     "lamda-r16-smallest-ff0.6": (
         {"method": "lamda", "r": 16, "freeze_order": "smallest_first", "freeze_fraction": 0.6},
