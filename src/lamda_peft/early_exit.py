@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lamda_peft.hooks import evaluating
 from lamda_peft.recursive import RecursiveError, decoder_layers
 
 IGNORE_INDEX = -100
@@ -214,15 +215,8 @@ def early_exit_counts(
         return fn
 
     exits = list(range(k - 1, len(layers), k))
-    handles = [layers[p].register_forward_hook(hook(p)) for p in exits]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model, {layers[p]: hook(p) for p in exits}):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
     counts = EarlyExitCounts(k, len(exits))
     counts.tokens = int(scored.sum())

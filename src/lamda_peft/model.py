@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lamda_peft.config import LamdaConfig
+from lamda_peft.hooks import evaluating
 from lamda_peft.layer import LamdaLinear, linear_shape, torch_layout_weight
 from lamda_peft.quantization import build_quantized_layers, uses_quantization
 from lamda_peft.schedule import FreezeSchedule
@@ -259,20 +260,12 @@ def input_covariances(model: nn.Module, names: list[str], calibration) -> dict[s
 
         return record
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     device = next(model.parameters()).device  # calibration batches may come from a CPU data loader
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in calibration:
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                mask[0] = batch.get("attention_mask")
-                model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with evaluating(model, {model.get_submodule(n): hook(n) for n in names}), torch.no_grad():
+        for batch in calibration:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            mask[0] = batch.get("attention_mask")
+            model(**batch)
     missing = [n for n in names if n not in sums]
     if missing:
         raise ValueError(f"init='activation': the calibration batches never reached {missing[:3]} (no input seen)")

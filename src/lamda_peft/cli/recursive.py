@@ -18,6 +18,7 @@ import time
 import torch
 
 from lamda_peft.cli import CLIError
+from lamda_peft.hooks import evaluating
 
 
 def add_parser(subparsers) -> None:
@@ -66,22 +67,20 @@ def heldout_loss(model, tokenizer, texts: list[str], max_length: int = 128, batc
     """Mean next-token cross-entropy over every real token of `texts` (padding excluded)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
-        )
-        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, :-1]  # (b, t-1, vocab)
-        labels = enc.input_ids[:, 1:].masked_fill(enc.attention_mask[:, 1:] == 0, -100)
-        total += float(
-            torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    with evaluating(model):
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
             )
-        )
-        count += int((labels != -100).sum())
-    model.train(was_training)
+            logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, :-1]  # (b, t-1, V)
+            labels = enc.input_ids[:, 1:].masked_fill(enc.attention_mask[:, 1:] == 0, -100)
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+            )
+            count += int((labels != -100).sum())
     return total / count if count else math.nan
 
 
