@@ -6,6 +6,12 @@ spread over the seeds, plus trainable parameters at the end and total parameter 
 
     python benchmarks/quality.py --preset minilm            # full: bundled MiniLM + drug reviews
     python benchmarks/quality.py --preset minilm --quick    # a smoke run (a test runs it)
+    python benchmarks/quality.py --preset smollm2 --output benchmarks/results/quality_smollm2.json
+        # bundled SmolLM2 on the bundled code text (HumanEval prompt -> solution), held-out loss
+
+The minilm preset ranks by held-out accuracy (higher is better), the smollm2 preset by held-out
+causal-LM loss (lower is better); each preset names its metric, its default variants and, where
+the model calls for other rates, its own learning-rate sweep per variant.
 """
 
 from __future__ import annotations
@@ -61,6 +67,23 @@ VARIANTS = {
         {"method": "lamda++", "r": 16, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
         [5e-4],
     ),
+    "lamda++-r16-smallest-combo": (
+        {
+            "method": "lamda++",
+            "r": 16,
+            "freeze_order": "smallest_first",
+            "freeze_fraction": 0.6,
+            "s_lr_scale": 3.0,
+            "warmup_ratio": 0.1,
+        },
+        [5e-4],
+    ),
+    # init="zero": the adapter's change starts at 0 as LoRA's (A = Vh, B0 = 0); A's rows are unit
+    # vectors, so a step on B moves W about as much as a LoRA r=8 step at 1.7x the rate
+    "lamda-r16-zero-combo": (
+        {"method": "lamda", "r": 16, "init": "zero", "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        [1e-3, 2e-3],
+    ),
     "lamda-r16-warm0.1": ({"method": "lamda", "r": 16, "warmup_ratio": 0.1}, [1e-3]),
     "lamda-r16-smallest-ff0.6": (
         {"method": "lamda", "r": 16, "freeze_order": "smallest_first", "freeze_fraction": 0.6},
@@ -76,7 +99,47 @@ for _name, (_overrides, _lrs) in VARIANTS.items():
     if _overrides["method"] in ("lamda", "lamda++") and not _name.endswith("-combo"):
         VARIANTS[_name] = ({**PAPER_SETTINGS, **_overrides}, _lrs)
 PRESETS = {
-    "minilm": {"model": "minilm", "task": "classification", "epochs": 5, "batch_size": 16, "max_length": 128},
+    "minilm": {
+        "settings": {"model": "minilm", "task": "classification", "epochs": 5, "batch_size": 16, "max_length": 128},
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "variants": list(VARIANTS),
+        "lrs": {},
+    },
+    # issue 7's "bundled code text on SmolLM2": 131 training problems, 33 held out (seeded split),
+    # 1 epoch of batch 2 = 66 steps, the same for every method; all-linear targets for every method.
+    # A step is ~0.4 TFLOP on the CPU (about 8 s on one core): sized to fit a CPU session.
+    "smollm2": {
+        "settings": {
+            "model": "smollm2",
+            "task": "causal-lm",
+            "data": "humaneval",
+            "epochs": 1,
+            "batch_size": 2,
+            "max_length": 256,
+            "targets": "all-linear",
+        },
+        "metric": "eval_loss",
+        "higher_is_better": False,
+        "variants": [
+            "lora-r8",
+            "pissa-r8",
+            "vera-r256",
+            "full",
+            "lamda-r16-combo",
+            "lamda++-r16-combo",
+            "lamda++-r16-smallest-combo",
+        ],
+        "lrs": {
+            "lora-r8": [3e-4, 1e-3],
+            "pissa-r8": [3e-4, 1e-3],
+            "vera-r256": [3e-3],
+            "full": [2e-5],
+            "lamda-r16-combo": [2e-4, 5e-4],
+            "lamda++-r16-combo": [5e-4],
+            "lamda++-r16-smallest-combo": [5e-4],
+        },
+    },
 }
 
 
@@ -86,23 +149,30 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="minilm", choices=sorted(PRESETS))
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument(
+        "--variants", default="", help="comma-separated subset of (default: the preset's): " + ", ".join(VARIANTS)
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--lrs", default="", help="override every variant's LR sweep (comma-separated)")
     p.add_argument("--quick", action="store_true", help="4 steps, 32 eval rows, one seed: checks the plumbing only")
-    p.add_argument("--output", default="benchmarks/results/quality_minilm.json")
+    p.add_argument("--output", default="", help="JSON to write (default: benchmarks/results/quality_PRESET.json)")
     p.add_argument(
         "--merge",
         nargs="+",
         default=None,
-        help="combine the runs of these JSON files (parallel workers) into --output, re-summarised; no training",
+        help="combine the runs of these JSON files (parallel workers) into --output, re-summarised; no training "
+        "(with --variants: only those variants' runs)",
     )
     args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.output = args.output or f"benchmarks/results/quality_{args.preset}.json"
     if args.merge:
         runs = {}
+        keep = set(args.variants.split(",")) if args.variants else None  # --variants: only these rows
         for path in args.merge:
             for row in json.loads(Path(path).read_text())["runs"]:
-                runs[(row["variant"], row["lr"], row["seed"])] = row  # a later file wins on a duplicate
+                if keep is None or row["variant"] in keep:
+                    runs[(row["variant"], row["lr"], row["seed"])] = row  # a later file wins on a duplicate
         _write(args, list(runs.values()))
         return 0
     seeds = [int(x) for x in args.seeds.split(",")] if not args.quick else [0]
@@ -114,8 +184,11 @@ def main(argv=None) -> int:
     )
     done = {(r["variant"], r["lr"], r["seed"]) for r in previous}
     runs.extend(previous)
-    for name in args.variants.split(","):
+    for name in (args.variants or ",".join(preset["variants"])).split(","):
+        if name not in VARIANTS:
+            p.error(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
         overrides, lrs = VARIANTS[name]
+        lrs = preset["lrs"].get(name, lrs)
         if args.lrs:
             lrs = [float(x) for x in args.lrs.split(",")]
         for lr in lrs[:1] if args.quick else lrs:
@@ -125,7 +198,7 @@ def main(argv=None) -> int:
                 with tempfile.TemporaryDirectory() as tmp:
                     settings = TrainSettings(
                         **{
-                            **PRESETS[args.preset],
+                            **preset["settings"],
                             **overrides,
                             "lr": lr,
                             "seed": seed,
@@ -141,6 +214,9 @@ def main(argv=None) -> int:
                     "accuracy",
                     "macro_f1",
                     "majority_baseline",
+                    "eval_loss",
+                    "eval_loss_before",
+                    "perplexity",
                     "trainable_params_start",
                     "trainable_params_end",
                     "parameter_updates",
@@ -152,7 +228,7 @@ def main(argv=None) -> int:
                     "lr": lr,
                     "seed": seed,
                     "wall_s": round(time.time() - t0, 1),
-                    **{k: m[k] for k in keep},
+                    **{k: m[k] for k in keep if k in m},
                 }
                 print(json.dumps(row), flush=True)
                 runs.append(row)
@@ -161,27 +237,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """Best LR per variant by mean accuracy over seeds; mean and population std over seeds."""
+def summarise(runs: list[dict], metric: str = "accuracy", higher_is_better: bool = True) -> list[dict]:
+    """Best LR per variant by the mean of `metric` over seeds; mean and population std over seeds.
+
+    Every metric the runs hold gets its `_mean` and `_std` (accuracy and macro-F1 for
+    classification, held-out loss and perplexity for causal LM)."""
     table = []
     for variant in dict.fromkeys(r["variant"] for r in runs):
         best = None
         for lr in sorted({r["lr"] for r in runs if r["variant"] == variant}):
             rows = [r for r in runs if r["variant"] == variant and r["lr"] == lr]
-            acc = [r["accuracy"] for r in rows]
-            f1 = [r["macro_f1"] for r in rows]
-            entry = {
-                "variant": variant,
-                "lr": lr,
-                "seeds": len(rows),
-                "accuracy_mean": statistics.mean(acc),
-                "accuracy_std": statistics.pstdev(acc),
-                "macro_f1_mean": statistics.mean(f1),
-                "macro_f1_std": statistics.pstdev(f1),
-                "trainable_params_end": rows[0]["trainable_params_end"],
-                "parameter_updates": rows[0]["parameter_updates"],
-            }
-            if best is None or entry["accuracy_mean"] > best["accuracy_mean"]:
+            entry = {"variant": variant, "lr": lr, "seeds": len(rows)}
+            for key in ("accuracy", "macro_f1", "eval_loss", "perplexity"):
+                if all(key in r for r in rows):
+                    values = [r[key] for r in rows]
+                    entry[f"{key}_mean"] = statistics.mean(values)
+                    entry[f"{key}_std"] = statistics.pstdev(values)
+            entry["trainable_params_end"] = rows[0]["trainable_params_end"]
+            entry["parameter_updates"] = rows[0]["parameter_updates"]
+            score = entry[f"{metric}_mean"]
+            if best is None or (score > best[f"{metric}_mean"]) == higher_is_better:
                 best = entry
         table.append(best)
     return table
@@ -201,9 +276,12 @@ def _write(args, runs) -> None:
             "transformers": transformers.__version__,
             "peft": peft.__version__,
         },
-        "preset": PRESETS[args.preset],
+        "preset": PRESETS[args.preset]["settings"],
+        "preset_name": args.preset,
+        "metric": PRESETS[args.preset]["metric"],
+        "higher_is_better": PRESETS[args.preset]["higher_is_better"],
         "runs": runs,
-        "best_per_variant": summarise(runs),
+        "best_per_variant": summarise(runs, PRESETS[args.preset]["metric"], PRESETS[args.preset]["higher_is_better"]),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")

@@ -183,9 +183,19 @@ def main() -> None:
         "--reuse", default=None, help="a previous JSON: its rows of the same name and settings are not re-evaluated"
     )
     ap.add_argument("--quick", action="store_true", help="full, cut 15 and K15 average r0 on 2 short texts, 1 step")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated grid rows to run (e.g. 'cut 15,K15 average r0'; needs --out): a longer "
+        "uptraining of a few models without rerunning the grid",
+    )
     args = ap.parse_args()
-    if args.quick and args.out is None:
-        ap.error("--quick needs --out (it must not replace the committed results)")
+    if (args.quick or args.only) and args.out is None:
+        ap.error("--quick and --only need --out (they must not replace the committed results)")
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    unknown = sorted(set(only or []) - {row[0] for row in GRID})
+    if unknown:
+        ap.error(f"--only: unknown grid row(s) {unknown}; known: {', '.join(row[0] for row in GRID)}")
     args.out = args.out or str(RESULTS / "recursive_smollm2.json")
     if args.quick:
         args.eval_rows, args.max_length, args.train_steps, args.batch, args.train_length = 2, 16, 1, 1, 16
@@ -233,7 +243,7 @@ def main() -> None:
     if args.reuse:
         same_training = all(old["settings"].get(k) == getattr(args, k) for k in TRAIN_KEYS)
         old_after = {row["name"]: row for row in old.get("uptraining", [])} if same and same_training else {}
-    grid = [row for row in GRID if not args.quick or row[0] in QUICK_GRID]
+    grid = [row for row in GRID if (not args.quick or row[0] in QUICK_GRID) and (not only or row[0] in only)]
     for name, kind, k, init, rank in grid:
         if name in previous and (kind == "full" or name in old_after):  # nothing left to measure
             results["before"].append({**previous[name], "reused_from": args.reuse})

@@ -326,25 +326,27 @@ def lean_memory_section(data: dict) -> list[str]:
 
 
 def plot_quality(data: dict, path: Path) -> None:
-    """Accuracy (mean, std over seeds) against trainable parameters at the end, log x axis."""
+    """The preset's metric (mean, std over seeds) against trainable parameters at the end, log x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = data.get("metric", "accuracy")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for b in data["best_per_variant"]:
-        ax.errorbar(b["trainable_params_end"], b["accuracy_mean"], yerr=b["accuracy_std"], fmt="o", capsize=3)
+        ax.errorbar(b["trainable_params_end"], b[f"{metric}_mean"], yerr=b[f"{metric}_std"], fmt="o", capsize=3)
         ax.annotate(
             f"{b['variant']} (lr {b['lr']:g})",
-            (b["trainable_params_end"], b["accuracy_mean"]),
+            (b["trainable_params_end"], b[f"{metric}_mean"]),
             fontsize=8,
             xytext=(5, 4),
             textcoords="offset points",
         )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters at the end of training (log)")
-    ax.set_ylabel("held-out accuracy (mean +- std over seeds)")
+    better = "higher" if data.get("higher_is_better", True) else "lower"
+    ax.set_ylabel(f"held-out {metric.replace('eval_', '')} ({better} is better; mean +- std over seeds)", fontsize=8)
     ax.set_title(f"{data['preset'].get('model', '')}: quality vs trainable parameters", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -354,24 +356,36 @@ def plot_quality(data: dict, path: Path) -> None:
 
 def quality_section(data: dict, title: str = "Quality at equal steps") -> list[str]:
     out = [f"## {title}", "", f"Command: `{data['command']}`; preset {data['preset']}.", ""]
+    metric = data.get("metric", "accuracy")
+    # classification: accuracy and macro-F1; causal LM: held-out loss and perplexity
+    second = "macro_f1" if metric == "accuracy" else "perplexity"
     rows = []
     for b in data["best_per_variant"]:
         per_seed = sorted(
-            (r["seed"], r["accuracy"]) for r in data["runs"] if r["variant"] == b["variant"] and r["lr"] == b["lr"]
+            (r["seed"], r[metric]) for r in data["runs"] if r["variant"] == b["variant"] and r["lr"] == b["lr"]
         )
         rows.append(
             [
                 b["variant"],
                 f"{b['lr']:g}",
-                ", ".join(f"{seed}: {acc:.3f}" for seed, acc in per_seed),
-                f"{b['accuracy_mean']:.3f} +- {b['accuracy_std']:.3f}",
-                f"{b['macro_f1_mean']:.3f} +- {b['macro_f1_std']:.3f}",
+                ", ".join(f"{seed}: {value:.3f}" for seed, value in per_seed),
+                f"{b[f'{metric}_mean']:.3f} +- {b[f'{metric}_std']:.3f}",
+                f"{b[f'{second}_mean']:.3f} +- {b[f'{second}_std']:.3f}",
                 f"{b['trainable_params_end']:,}",
                 f"{b['parameter_updates'] / 1e6:.1f} M",
             ]
         )
+    name = {"accuracy": "accuracy", "eval_loss": "held-out loss"}.get(metric, metric)
     out += _table(
-        ["variant", "lr", "accuracy per seed", "accuracy (mean +- std)", "macro-F1", "trainable at end", "updates"],
+        [
+            "variant",
+            "lr",
+            f"{name} per seed",
+            f"{name} (mean +- std)",
+            second.replace("_", "-").replace("macro-f1", "macro-F1"),
+            "trainable at end",
+            "updates",
+        ],
         rows,
     )
     out.append("")
@@ -458,7 +472,7 @@ def readme_summary(results_dir: Path) -> list[str]:
                 f"B frozen over {pu['settings'].get('lamda_freeze_fraction', 0.3):.0%} of T (the CLI's 60% gave 1.85x the updates in the quality runs)",
             ]
         )
-    q = load("quality_minilm_alternatives") or load("quality_minilm_3seeds")
+    q = load("quality_minilm") or load("quality_minilm_alternatives")
     if q:
         best = {b["variant"]: b for b in q["best_per_variant"]}
         # the default of `lamda-peft train` (the sweep's winner) when measured, else the first LaMDA row
@@ -475,6 +489,23 @@ def readme_summary(results_dir: Path) -> list[str]:
                     f"{lamda['seeds']} seeds), {fewer:.0f}x fewer",
                     _ok(gap >= -1 and fewer >= 10),
                     "MiniLM + drug reviews, 190 steps",
+                ]
+            )
+    q = load("quality_smollm2")
+    if q:
+        best = {b["variant"]: b for b in q["best_per_variant"]}
+        lamda, lora = best.get("lamda-r16-combo"), best.get("lora-r8")
+        if lamda and lora:
+            fewer = lora["trainable_params_end"] / lamda["trainable_params_end"]
+            steps = q["runs"][0]["train_steps"]
+            rows.append(
+                [
+                    "LaMDA held-out loss vs LoRA (code text), >= 10x fewer trainable at end",
+                    "no worse",
+                    f"{lamda['eval_loss_mean']:.3f} vs {lora['eval_loss_mean']:.3f} "
+                    f"({min(lamda['seeds'], lora['seeds'])} seed(s)), {fewer:.0f}x fewer",
+                    _ok(lamda["eval_loss_mean"] <= lora["eval_loss_mean"] and fewer >= 10),
+                    f"SmolLM2 + HumanEval solutions, {steps} steps",
                 ]
             )
     return _table(["target", "goal", "measured", "status", "setting"], rows)
@@ -560,6 +591,12 @@ def main(argv=None) -> int:
     def alternatives(data):
         return quality_section(data, "Quality: SPEC section 9 alternatives and other LaMDA settings (MiniLM)")
 
+    def minilm_quality(data):
+        return quality_section(data, "Quality at equal steps: every method on MiniLM + drug reviews (accuracy)")
+
+    def smollm2_quality(data):
+        return quality_section(data, "Quality at equal steps: SmolLM2 on the bundled code text (held-out loss)")
+
     def focus(data):
         return step_memory_section(data, "Step time with more repetitions (a second, focused run)")
 
@@ -569,18 +606,20 @@ def main(argv=None) -> int:
         ("param_updates", param_updates_section),
         ("inference", inference_section),
         ("lean_memory", lean_memory_section),
-        ("quality_minilm_3seeds", quality_section),
+        ("quality_minilm", minilm_quality),
         ("quality_minilm_alternatives", alternatives),
+        ("quality_smollm2", smollm2_quality),
         ("recursive_smollm2", recursive_section),
     ):
         path = args.results_dir / f"{stem}.json"
         if path.is_file():
             payload = json.loads(path.read_text())
             lines += section(payload)
-            if stem == "quality_minilm_3seeds":
-                plot_quality(payload, args.results_dir / "quality_vs_params.png")
-                lines += ["Plot: `results/quality_vs_params.png`.", ""]
-        elif stem not in ("step_time_focus", "quality_minilm_3seeds", "quality_minilm_alternatives"):
+            if stem in ("quality_minilm", "quality_smollm2"):
+                png = "quality_vs_params.png" if stem == "quality_minilm" else f"{stem}_vs_params.png"
+                plot_quality(payload, args.results_dir / png)
+                lines += [f"Plot: `results/{png}`.", ""]
+        elif stem not in ("step_time_focus", "quality_minilm_alternatives", "quality_smollm2"):
             lines += [f"_{path.name}: not found; run the benchmark first._", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines).rstrip() + "\n")

@@ -170,6 +170,43 @@ def test_quality_quick_runs_every_baseline_through_the_cli_path(tmp_path):
     run("quality.py", "--merge", str(out), str(out), "--output", str(merged))
     both = json.loads(merged.read_text())
     assert both["runs"] == data["runs"] and both["best_per_variant"] == data["best_per_variant"]
+    # --merge --variants keeps only the named variants' runs
+    run("quality.py", "--merge", str(out), "--variants", "lora-r8,lamda-r16", "--output", str(merged))
+    some = json.loads(merged.read_text())
+    assert [row["variant"] for row in some["best_per_variant"]] == ["lora-r8", "lamda-r16"]
+    assert some["best_per_variant"] == [best["lora-r8"], best["lamda-r16"]]
+
+
+def test_quality_smollm2_preset_ranks_by_heldout_loss(tmp_path):
+    """The code-text preset trains SmolLM2 as a causal LM and keeps, per variant, the learning rate
+    with the lowest held-out loss (a copy of a row at a worse loss checks the direction); the report
+    renders its table, plot and README row."""
+    out = tmp_path / "quality_smollm2.json"
+    run("quality.py", "--preset", "smollm2", "--quick", "--variants", "lora-r8,lamda-r16-combo", "--output", str(out))
+    data = json.loads(out.read_text())
+    assert data["metric"] == "eval_loss" and data["higher_is_better"] is False
+    rows = {row["variant"]: row for row in data["runs"]}
+    assert sorted(rows) == ["lamda-r16-combo", "lora-r8"]
+    for row in rows.values():
+        assert row["train_steps"] == 4 and 0 < row["eval_loss"] < 20 and "accuracy" not in row
+    row = rows["lamda-r16-combo"]
+    assert row["eval_loss"] < row["eval_loss_before"]  # 4 steps on code text already help SmolLM2
+    sys.path.insert(0, str(BENCH))
+    try:
+        from quality import summarise
+    finally:
+        sys.path.remove(str(BENCH))
+    worse = {**row, "lr": row["lr"] * 2, "eval_loss": row["eval_loss"] + 1.0}
+    (best,) = summarise([worse, row], "eval_loss", higher_is_better=False)
+    assert best["lr"] == row["lr"] and best["eval_loss_mean"] == row["eval_loss"]
+    (best,) = summarise([worse, row], "eval_loss", higher_is_better=True)
+    assert best["lr"] == worse["lr"]
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- benchmarks:start -->\n<!-- benchmarks:end -->\n")
+    run("report.py", "--results-dir", str(tmp_path), "--out", str(tmp_path / "RESULTS.md"), "--readme", str(readme))
+    assert "held-out loss per seed" in (tmp_path / "RESULTS.md").read_text()
+    assert (tmp_path / "quality_smollm2_vs_params.png").stat().st_size > 0
+    assert "LaMDA held-out loss vs LoRA (code text)" in readme.read_text()
 
 
 def test_recursive_quick_uptrains_every_reduced_model(tmp_path):
@@ -188,3 +225,12 @@ def test_recursive_quick_uptrains_every_reduced_model(tmp_path):
     assert (tmp_path / "recursive.png").stat().st_size > 0
     with pytest.raises(subprocess.CalledProcessError):  # --quick never replaces the committed results
         run("recursive.py", "--quick")
+    # --only runs the named rows (a longer uptraining of a few models), into its own --out
+    only = tmp_path / "only.json"
+    run("recursive.py", "--quick", "--only", "cut 15", "--out", str(only))
+    data = json.loads(only.read_text())
+    assert [row["name"] for row in data["before"]] == ["cut 15"] and len(data["uptraining"]) == 1
+    assert data["before"][0]["heldout_loss"] == pytest.approx(before["cut 15"]["heldout_loss"], rel=1e-6)
+    for bad in (["--only", "cut 7", "--out", str(only)], ["--only", "cut 15"]):
+        with pytest.raises(subprocess.CalledProcessError):  # an unknown row; --only without --out
+            run("recursive.py", *bad)

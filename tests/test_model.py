@@ -7,7 +7,7 @@ from conftest import TinyMLP, assert_close, tiny_bert, tiny_gpt2, tiny_llama
 from lamda_peft import ConfigError, LamdaConfig, LamdaLinear, get_lamda_model
 
 
-@pytest.mark.parametrize("init", ["spectral", "orthonormal"])
+@pytest.mark.parametrize("init", ["spectral", "orthonormal", "zero"])
 @pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2, tiny_llama])
 def test_outputs_at_init_equal_base(factory, init):
     base = factory()
@@ -18,6 +18,23 @@ def test_outputs_at_init_equal_base(factory, init):
     with torch.no_grad():
         out = model(input_ids=ids).logits
     assert_close(out, ref)
+
+
+def test_zero_init_starts_like_lora_and_learns_b_first():
+    """init="zero": the base weight is untouched (W_res = W bitwise), A holds W's top-r right singular
+    vectors, and at step 0 only B gets a gradient (S's is 0 while B = 0), as LoRA-FA's B does."""
+    base = tiny_llama()
+    weights = {n: m.weight.detach().clone() for n, m in base.named_modules() if n.endswith("q_proj")}
+    model = get_lamda_model(base, LamdaConfig(r=4, target_modules=["q_proj"], init="zero", svd="full"))
+    for name, layer in model.lamda_layers():
+        assert torch.equal(layer.base_layer.weight, weights[name])
+        assert not layer.B0.any()
+        Vh = torch.linalg.svd(weights[name].double(), full_matrices=False).Vh[:4]
+        torch.testing.assert_close(layer.A.double().abs(), Vh.abs(), atol=1e-5, rtol=0)  # up to signs
+    ids = torch.randint(0, 128, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for _, layer in model.lamda_layers():
+        assert layer.dB.grad.abs().sum() > 0 and not layer.dS.grad.any()
 
 
 def test_all_linear_skips_heads_and_freezes_base():

@@ -94,8 +94,9 @@ class TrainSettings:
     )
     init: str = _f(
         "spectral",
-        "LaMDA initialisation of A, B, S (activation: A from the inputs' principal directions on --calibration-rows)",
-        choices=["spectral", "orthonormal", "activation"],
+        "LaMDA initialisation of A, B, S (zero: A = Vh, B starts at 0 like LoRA's; activation: A from the "
+        "inputs' principal directions on --calibration-rows)",
+        choices=["spectral", "orthonormal", "zero", "activation"],
     )
     calibration_rows: int = _f(256, "init activation: training rows whose layer inputs set A")
     s_lr_scale: float = _f(3.0, "LaMDA: learning-rate multiplier for the core S (S trains at 3x the rate of B)")

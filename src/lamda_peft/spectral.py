@@ -70,6 +70,8 @@ def spectral_factors(
     "spectral": A = diag(sqrt(sigma)) Vh, B0 = U diag(sqrt(sigma)), S0 = I.
     "orthonormal": A = Vh, B0 = U, S0 = diag(sigma).
     In both, B0 @ S0 @ A = U diag(sigma) Vh, the best rank-r approximation of W.
+    "zero" [ours]: A = Vh, B0 = 0, S0 = I: the adapter starts at zero like LoRA's (W_res = W) and
+    B learns on W's top-r input directions (LoRA-FA with a spectral A), then freezes as usual.
     """
     U, sigma, Vh = top_r_svd(weight, r, **svd_kwargs)
     if init == "spectral":
@@ -79,13 +81,15 @@ def spectral_factors(
         S0 = torch.eye(r, dtype=sigma.dtype)
     elif init == "orthonormal":
         A, B0, S0 = Vh, U, torch.diag(sigma)
+    elif init == "zero":
+        A, B0, S0 = Vh, torch.zeros_like(U), torch.eye(r, dtype=sigma.dtype)
     elif init == "activation":
         raise ValueError(
             "init='activation' needs each layer's input covariance: build the model with "
             "get_lamda_model(model, config, calibration=[batch, ...])"
         )
     else:
-        raise ValueError(f"unknown init {init!r}; expected 'spectral', 'orthonormal' or 'activation'")
+        raise ValueError(f"unknown init {init!r}; expected 'spectral', 'orthonormal', 'zero' or 'activation'")
     return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype).contiguous(), S0.to(dtype), sigma.to(dtype))
 
 
