@@ -106,8 +106,8 @@ PRESETS = {
         "variants": list(VARIANTS),
         "lrs": {},
     },
-    # issue 7's "bundled code text on SmolLM2": 131 training problems, 33 held out (seeded split),
-    # 1 epoch of batch 2 = 66 steps, the same for every method; all-linear targets for every method.
+    # issue 7's "bundled code text on SmolLM2": HumanEval prompt -> canonical solution, 20% held out
+    # (seeded split), 1 epoch of batch 2 (60 optimizer steps), the same for every method; all-linear.
     # A step is ~0.4 TFLOP on the CPU (about 8 s on one core): sized to fit a CPU session.
     "smollm2": {
         "settings": {
@@ -127,6 +127,7 @@ PRESETS = {
             "vera-r256",
             "full",
             "lamda-r16-combo",
+            "lamda-r16-zero-combo",
             "lamda++-r16-combo",
             "lamda++-r16-smallest-combo",
         ],
@@ -136,6 +137,7 @@ PRESETS = {
             "vera-r256": [3e-3],
             "full": [2e-5],
             "lamda-r16-combo": [2e-4, 5e-4],
+            "lamda-r16-zero-combo": [1e-3],
             "lamda++-r16-combo": [5e-4],
             "lamda++-r16-smallest-combo": [5e-4],
         },

@@ -36,7 +36,7 @@ def test_export_matches_lamda_model_in_peft(tmp_path):
         assert_close(peft_model(input_ids=ids).logits, expected)
 
 
-@pytest.mark.parametrize("init", ["spectral", "orthonormal"])
+@pytest.mark.parametrize("init", ["spectral", "orthonormal", "zero"])
 def test_export_conv1d_gpt2(tmp_path, init):
     model = get_lamda_model(tiny_gpt2(), LamdaConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], init=init))
     perturb(model)

@@ -65,11 +65,12 @@ def test_import_registers_lamda_as_peft_method():
     assert LamdaConfig(r=2).peft_type is PeftType.LAMDA  # PEFT and transformers read `.value`
 
 
-def test_get_peft_model_returns_peft_model_equal_to_base_at_step_0():
+@pytest.mark.parametrize("init", ["orthonormal", "zero"])
+def test_get_peft_model_returns_peft_model_equal_to_base_at_step_0(init):
     base = tiny_llama()
     x = ids()
     expected = logits(base, x)
-    model = get_peft_model(base, LamdaConfig(r=4, target_modules="all-linear", init="orthonormal"))
+    model = get_peft_model(base, LamdaConfig(r=4, target_modules="all-linear", init=init))
     assert isinstance(model, PeftModel) and model.peft_type == PeftType.LAMDA
     assert torch.equal(logits(model, x), expected)  # the offset B S - B0 S0 is exactly 0 at init
     trainable = {n.split(".lamda_adapter.default.")[-1] for n, p in model.named_parameters() if p.requires_grad}
