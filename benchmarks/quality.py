@@ -242,6 +242,9 @@ def main(argv=None) -> int:
 def summarise(runs: list[dict], metric: str = "accuracy", higher_is_better: bool = True) -> list[dict]:
     """Best LR per variant by the mean of `metric` over seeds; mean and population std over seeds.
 
+    Rates are screened on fewer seeds than the winner is run on: among a variant's rates, the ones
+    run on the most seeds compete (a one-seed mean never beats a three-seed mean by luck).
+
     Every metric the runs hold gets its `_mean` and `_std` (accuracy and macro-F1 for
     classification, held-out loss and perplexity for causal LM)."""
     table = []
@@ -258,7 +261,11 @@ def summarise(runs: list[dict], metric: str = "accuracy", higher_is_better: bool
             entry["trainable_params_end"] = rows[0]["trainable_params_end"]
             entry["parameter_updates"] = rows[0]["parameter_updates"]
             score = entry[f"{metric}_mean"]
-            if best is None or (score > best[f"{metric}_mean"]) == higher_is_better:
+            if (
+                best is None
+                or entry["seeds"] > best["seeds"]
+                or (entry["seeds"] == best["seeds"] and (score > best[f"{metric}_mean"]) == higher_is_better)
+            ):
                 best = entry
         table.append(best)
     return table
