@@ -334,14 +334,19 @@ def plot_quality(data: dict, path: Path) -> None:
 
     metric = data.get("metric", "accuracy")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for b in data["best_per_variant"]:
-        ax.errorbar(b["trainable_params_end"], b[f"{metric}_mean"], yerr=b[f"{metric}_std"], fmt="o", capsize=3)
+    placed: list[float] = []
+    for b in sorted(data["best_per_variant"], key=lambda row: -row[f"{metric}_mean"]):
+        x = b["trainable_params_end"]
+        ax.errorbar(x, b[f"{metric}_mean"], yerr=b[f"{metric}_std"], fmt="o", capsize=3)
+        stacked = sum(1 for other in placed if 0.5 < other / x < 2)  # labels of points at about the same x
+        placed.append(x)
         ax.annotate(
             f"{b['variant']} (lr {b['lr']:g})",
-            (b["trainable_params_end"], b[f"{metric}_mean"]),
+            (x, b[f"{metric}_mean"]),
             fontsize=8,
-            xytext=(5, 4),
+            xytext=(8, 4 - 11 * stacked),
             textcoords="offset points",
+            arrowprops={"arrowstyle": "-", "lw": 0.5} if stacked else None,
         )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters at the end of training (log)")
