@@ -167,6 +167,8 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.quick and not args.output:
+        p.error("--quick needs --output (it must not replace the committed results)")
     args.output = args.output or f"benchmarks/results/quality_{args.preset}.json"
     if args.merge:
         runs = {}
