@@ -277,6 +277,7 @@ def _write(args, runs) -> None:
     import peft
     import transformers
 
+    preset = PRESETS[args.preset]
     out = {
         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
         "machine": {
@@ -287,12 +288,12 @@ def _write(args, runs) -> None:
             "transformers": transformers.__version__,
             "peft": peft.__version__,
         },
-        "preset": PRESETS[args.preset]["settings"],
+        "preset": preset["settings"],
         "preset_name": args.preset,
-        "metric": PRESETS[args.preset]["metric"],
-        "higher_is_better": PRESETS[args.preset]["higher_is_better"],
+        "metric": preset["metric"],
+        "higher_is_better": preset["higher_is_better"],
         "runs": runs,
-        "best_per_variant": summarise(runs, PRESETS[args.preset]["metric"], PRESETS[args.preset]["higher_is_better"]),
+        "best_per_variant": summarise(runs, preset["metric"], preset["higher_is_better"]),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
