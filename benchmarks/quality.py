@@ -84,6 +84,23 @@ VARIANTS = {
         {"method": "lamda", "r": 16, "init": "zero", "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
         [1e-3, 2e-3],
     ),
+    # init="gradient": A on the top-r input directions of the loss gradient on 256 training rows
+    "lamda-r16-grad-combo": (
+        {
+            "method": "lamda",
+            "r": 16,
+            "init": "gradient",
+            "freeze_fraction": 0.6,
+            "s_lr_scale": 3.0,
+            "warmup_ratio": 0.1,
+        },
+        [1e-3, 2e-3],
+    ),
+    # rank 24: S has 576 entries per layer, 15x fewer trainable parameters than LoRA r=8 at the end
+    "lamda-r24-combo": (
+        {"method": "lamda", "r": 24, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        [5e-4],
+    ),
     "lamda-r16-warm0.1": ({"method": "lamda", "r": 16, "warmup_ratio": 0.1}, [1e-3]),
     "lamda-r16-smallest-ff0.6": (
         {"method": "lamda", "r": 16, "freeze_order": "smallest_first", "freeze_fraction": 0.6},

@@ -26,7 +26,7 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "LAMDA"
 
 _FREEZE_ORDERS = ("largest_first", "smallest_first")
-_INITS = ("spectral", "orthonormal", "zero", "activation")
+_INITS = ("spectral", "orthonormal", "zero", "activation", "gradient")
 _SVD_METHODS = ("auto", "full", "lowrank")
 _RANK_ALLOCATIONS = ("none", "energy")
 _RANK_BUDGETS = ("params", "rank")
@@ -66,6 +66,9 @@ class LamdaConfig(PeftConfig):
             split like "spectral"; the same residual base. See `spectral.activation_factors`.
             "zero" [ours]: A = Vh, B0 = 0, S = I: no residual (W_res = W), the adapter's change
             starts at zero as LoRA's does and B learns from there, on W's top-r input directions.
+            "gradient" [ours]: A = the top-r right singular vectors of the loss gradient dL/dW on
+            calibration batches with labels, B0 = 0, S = I (W_res = W): the input directions full
+            fine-tuning would move first. See `spectral.gradient_factors`.
         s_lr_scale: multiplier on the learning rate of S in `lamda_param_groups` (1 = same rate).
         svd: "full" (exact SVD in float64), "lowrank" (`torch.svd_lowrank`, randomised) or
             "auto": full for matrices up to `svd_full_max_dim`, low-rank above it.

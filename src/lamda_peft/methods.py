@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from lamda_peft.cli import CLIError
 from lamda_peft.config import LamdaConfig
-from lamda_peft.model import get_lamda_model
+from lamda_peft.model import CALIBRATED_INITS, get_lamda_model
 from lamda_peft.settings import TrainSettings
 from lamda_peft.targets import default_targets, find_targets
 
@@ -16,7 +16,7 @@ PEFT_METHODS = ("lora", "pissa", "vera")  # baselines through the real peft
 def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path: str, calibration=None):
     """Apply `s.method` (and `s.quantize`) to `model`; returns the wrapped model.
 
-    `calibration`: keyword batches for `--init activation` (LaMDA only; see `get_lamda_model`).
+    `calibration`: keyword batches for `--init activation|gradient` (LaMDA only; see `get_lamda_model`).
     """
     modules_to_save = ([head] if isinstance(head, str) else list(head)) if head else None
     targets: list[str] | str = (
@@ -27,8 +27,8 @@ def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path
         else ([t.strip() for t in s.targets.split(",")] if "," in s.targets or s.targets.isidentifier() else s.targets)
     )
     if s.quantize != "none":
-        if s.init == "activation" and s.method != "lora":
-            raise CLIError("--init activation does not combine with --quantize yet; use --init spectral")
+        if s.init in CALIBRATED_INITS and s.method != "lora":
+            raise CLIError(f"--init {s.init} does not combine with --quantize yet; use --init spectral")
         return _wrap_quantized(model, s, targets, modules_to_save, model_path)
     if s.method == "full":
         for p in model.parameters():
@@ -46,8 +46,8 @@ def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path
     try:
         return get_lamda_model(model, _lamda_config(s, targets, modules_to_save, model_path), calibration=calibration)
     except ValueError as err:
-        if s.init == "activation":  # calibration problems are the user's input: a CLI error, no traceback
-            raise CLIError(f"--init activation: {err}") from None
+        if s.init in CALIBRATED_INITS:  # calibration problems are the user's input: a CLI error, no traceback
+            raise CLIError(f"--init {s.init}: {err}") from None
         raise
 
 

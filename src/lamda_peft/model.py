@@ -16,10 +16,10 @@ from torch import nn
 
 from lamda_peft.config import LamdaConfig
 from lamda_peft.hooks import evaluating
-from lamda_peft.layer import LamdaLinear, linear_shape, torch_layout_weight
+from lamda_peft.layer import LamdaLinear, is_conv1d, linear_shape, torch_layout_weight
 from lamda_peft.quantization import build_quantized_layers, uses_quantization
 from lamda_peft.schedule import FreezeSchedule
-from lamda_peft.spectral import SpectralFactors, activation_factors, spectral_factors
+from lamda_peft.spectral import SpectralFactors, activation_factors, gradient_factors, spectral_factors
 from lamda_peft.targets import find_targets
 
 
@@ -272,22 +272,84 @@ def input_covariances(model: nn.Module, names: list[str], calibration) -> dict[s
     return sums
 
 
-def activation_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[str, SpectralFactors]:
-    """init="activation": each target's A, B0, S0 from its inputs' principal directions on `calibration`."""
+CALIBRATED_INITS = ("activation", "gradient")  # inits that read calibration data
+
+
+def weight_gradients(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
+    """dL/dW (float32, (d_out, d_in) layout) of each named linear, summed over the calibration batches.
+
+    `calibration` is an iterable of keyword batches with labels, so that `model(**batch).loss`
+    exists. Runs in eval mode (no dropout); only the named weights take gradients, and every
+    parameter's `requires_grad` and `.grad` are as they were afterwards.
+    """
+    modules = {n: model.get_submodule(n) for n in names}
+    flags = {p: (p.requires_grad, p.grad) for p in model.parameters()}
+    sums: dict[str, torch.Tensor] = {}
+    device = next(model.parameters()).device
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+            p.grad = None
+        for m in modules.values():
+            m.weight.requires_grad_(True)
+        with evaluating(model):
+            for batch in calibration:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                out = model(**batch)
+                loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+                if loss is None:
+                    raise ValueError(
+                        "init='gradient': model(**batch) returned no loss; the calibration batches need labels"
+                    )
+                loss.backward()
+                for n, m in modules.items():
+                    if m.weight.grad is not None:
+                        g = torch_layout_weight_grad(m).to(torch.float32)
+                        sums[n] = sums[n] + g if n in sums else g.clone()
+                        m.weight.grad = None
+    finally:
+        for p, (flag, grad) in flags.items():
+            p.requires_grad_(flag)
+            p.grad = grad
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise ValueError(f"init='gradient': the loss does not depend on {missing[:3]} (no gradient reached them)")
+    return sums
+
+
+def torch_layout_weight_grad(module: nn.Module) -> torch.Tensor:
+    """The gradient of the module's weight in (d_out, d_in) layout (transposed for `Conv1D`)."""
+    return module.weight.grad.T if is_conv1d(module) else module.weight.grad
+
+
+def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[str, SpectralFactors]:
+    """init="activation" / "gradient": each target's A, B0, S0 from the model's behaviour on `calibration`.
+
+    "activation": A on the top-r principal directions of the layer's inputs (`activation_factors`).
+    "gradient": A on the top-r right singular vectors of the loss gradient (`gradient_factors`).
+    """
     if calibration is None:
         raise ValueError(
-            "init='activation' needs calibration inputs: get_lamda_model(model, config, calibration=[batch, ...]) "
+            f"init={config.init!r} needs calibration inputs: get_lamda_model(model, config, calibration=[batch, ...]) "
             "(`lamda-peft train` uses the first --calibration-rows training rows)"
         )
     if config.quantize not in (None, "none"):
-        raise ValueError("init='activation' does not combine with quantize yet; use init='spectral'")
+        raise ValueError(f"init={config.init!r} does not combine with quantize yet; use init='spectral'")
     targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
     check_ranks(model, config, targets)  # before the calibration pass
-    covs = input_covariances(model, targets, calibration)
+    if config.init == "gradient":
+        calibration = list(calibration)  # may be a generator; weight_gradients iterates it once
+        stats = weight_gradients(model, targets, calibration)
+    else:
+        stats = input_covariances(model, targets, calibration)
     factors = {}
     for name in targets:
         weight = torch_layout_weight(model.get_submodule(name))
-        f = activation_factors(weight, covs[name], config.rank_for(name), dtype=_adapter_dtype(weight))
+        r, dtype = config.rank_for(name), _adapter_dtype(weight)
+        if config.init == "gradient":
+            f = gradient_factors(stats[name], r, dtype=dtype, method=config.svd, niter=config.svd_niter)
+        else:
+            f = activation_factors(weight, stats[name], r, dtype=dtype)
         factors[name] = SpectralFactors(*(t.to(weight.device) for t in f))
     return factors
 
@@ -298,13 +360,14 @@ def get_lamda_model(model: nn.Module, config: LamdaConfig, calibration=None) -> 
     Everything is frozen except each adapter's S core, its B (until the schedule freezes it) and
     the `modules_to_save`. With `config.rank_allocation == "energy"` (LaMDA++) and no
     `rank_pattern` yet, ranks are allocated from the pretrained spectra first and stored in the
-    config's `rank_pattern`. With `config.init == "activation"`, `calibration` (keyword batches
-    for `model(**batch)`, e.g. a few hundred training rows) sets each A; reloading needs none.
+    config's `rank_pattern`. With `config.init` "activation" or "gradient", `calibration` (keyword
+    batches for `model(**batch)`, e.g. a few hundred training rows; with labels for "gradient")
+    sets each A; reloading needs none.
     """
     if config.rank_allocation == "energy" and not config.rank_pattern:
         from lamda_peft.rank_allocation import allocate_model_ranks
 
         config.rank_pattern = allocate_model_ranks(model, config).ranks
-    if config.init != "activation":
+    if config.init not in CALIBRATED_INITS:
         return LamdaModel(model, config)
-    return LamdaModel(model, config, factors=activation_init(model, config, calibration))
+    return LamdaModel(model, config, factors=calibrated_init(model, config, calibration))

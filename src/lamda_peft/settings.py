@@ -95,10 +95,11 @@ class TrainSettings:
     init: str = _f(
         "spectral",
         "LaMDA initialisation of A, B, S (zero: A = Vh, B starts at 0 like LoRA's; activation: A from the "
-        "inputs' principal directions on --calibration-rows)",
-        choices=["spectral", "orthonormal", "zero", "activation"],
+        "inputs' principal directions on --calibration-rows; gradient: A from the loss gradient's top input "
+        "directions on --calibration-rows, B starts at 0)",
+        choices=["spectral", "orthonormal", "zero", "activation", "gradient"],
     )
-    calibration_rows: int = _f(256, "init activation: training rows whose layer inputs set A")
+    calibration_rows: int = _f(256, "init activation/gradient: training rows whose layer inputs or loss gradient set A")
     s_lr_scale: float = _f(3.0, "LaMDA: learning-rate multiplier for the core S (S trains at 3x the rate of B)")
     dropout: float = _f(0.0, "dropout on the adapter input (0 keeps LaMDA's activation saving)")
     freeze_shared: bool = _f(False, "recursive model folders: keep the shared layer weights frozen while uptraining")

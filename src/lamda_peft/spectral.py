@@ -83,13 +83,15 @@ def spectral_factors(
         A, B0, S0 = Vh, U, torch.diag(sigma)
     elif init == "zero":
         A, B0, S0 = Vh, torch.zeros_like(U), torch.eye(r, dtype=sigma.dtype)
-    elif init == "activation":
+    elif init in ("activation", "gradient"):
         raise ValueError(
-            "init='activation' needs each layer's input covariance: build the model with "
+            f"init={init!r} needs calibration data (each layer's inputs or loss gradient): build the model with "
             "get_lamda_model(model, config, calibration=[batch, ...])"
         )
     else:
-        raise ValueError(f"unknown init {init!r}; expected 'spectral', 'orthonormal', 'zero' or 'activation'")
+        raise ValueError(
+            f"unknown init {init!r}; expected 'spectral', 'orthonormal', 'zero', 'activation' or 'gradient'"
+        )
     return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype).contiguous(), S0.to(dtype), sigma.to(dtype))
 
 
@@ -117,6 +119,19 @@ def activation_factors(
     B0 = U * root[None, :]
     S0 = torch.eye(r, dtype=torch.float64)
     return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype).contiguous(), S0.to(dtype), s.to(dtype))
+
+
+def gradient_factors(grad: torch.Tensor, r: int, dtype: torch.dtype = torch.float32, **svd_kwargs) -> SpectralFactors:
+    """A, B0, S0 for init="gradient": A spans the top-r right singular vectors of the loss gradient.
+
+    With G = dL/dW (d_out, d_in) summed over calibration batches and U diag(g) Vh its top-r SVD:
+    A = Vh, B0 = 0, S0 = I (no residual: W_res = W). The first step on B is then G A^T = U diag(g),
+    the best rank-r part of full fine-tuning's first gradient (the input directions LoRA's A would
+    have to learn), not W's own top directions. `sigma` holds the gradient's singular values g.
+    """
+    U, g, Vh = top_r_svd(grad, r, **svd_kwargs)
+    A, B0, S0 = Vh, torch.zeros_like(U), torch.eye(r, dtype=g.dtype)
+    return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype).contiguous(), S0.to(dtype), g.to(dtype))
 
 
 def residual_weight(

@@ -27,6 +27,7 @@ from lamda_peft.integrations.hf_trainer import LamdaCallback, LamdaTrainer, Lean
 from lamda_peft.integrations.recursive_trainer import RecursiveTrainer, RelaxationFreeze
 from lamda_peft.lean import DEFAULT_CHUNK_TOKENS
 from lamda_peft.methods import count_trainable, wrap_model
+from lamda_peft.model import CALIBRATED_INITS
 from lamda_peft.settings import TrainSettings
 from lamda_peft.tasks import causal_lm, classification, data, generation, seq2seq
 from lamda_peft.tasks.metrics import HIGHER_IS_BETTER, regression_metrics, resolve_metric, trainer_compute_metrics
@@ -173,8 +174,8 @@ def _causal_rows(tokenizer, df, s, source):
 
 
 def _calibration_batches(train_rows: list[dict], collator, s: TrainSettings) -> list[dict] | None:
-    """--init activation: the first --calibration-rows training rows, collated in --batch-size batches."""
-    if s.init != "activation" or s.method not in ("lamda", "lamda++"):
+    """--init activation|gradient: the first --calibration-rows training rows, collated in --batch-size batches."""
+    if s.init not in CALIBRATED_INITS or s.method not in ("lamda", "lamda++"):
         return None
     rows = train_rows[: s.calibration_rows]
     return [collator(rows[i : i + s.batch_size]) for i in range(0, len(rows), s.batch_size)]

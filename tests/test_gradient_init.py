@@ -1,0 +1,149 @@
+"""init="gradient": A spans the top input directions of the loss gradient on calibration data.
+
+Checked against float64 dense references (numpy SVD of the gradient; plain autograd for the
+gradient itself, Linear and Conv1D layouts), end to end through `get_lamda_model` (outputs at init,
+B's first gradient is the rank-r part of full fine-tuning's, reload without calibration) and
+through `lamda-peft train --init gradient`, with the errors a user can hit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_bert, tiny_gpt2
+from lamda_peft import LamdaConfig, get_lamda_model
+from lamda_peft.cli import main
+from lamda_peft.model import LamdaModel, weight_gradients
+from lamda_peft.spectral import gradient_factors, spectral_factors
+
+
+def _batches(with_labels=True):
+    out = []
+    for tokens, lengths, labels in (
+        (((5, 6, 7, 8), (9, 10, 11, 0)), (4, 3), (0, 2)),
+        (((12, 13, 0, 0), (14, 15, 16, 17)), (2, 4), (1, 1)),
+    ):
+        batch = {
+            "input_ids": torch.tensor(tokens),
+            "attention_mask": torch.tensor([[1] * n + [0] * (4 - n) for n in lengths]),
+        }
+        if with_labels:
+            batch["labels"] = torch.tensor(labels)
+        out.append(batch)
+    return out
+
+
+def test_factors_are_the_gradients_top_right_singular_vectors():
+    torch.manual_seed(0)
+    G = torch.randn(9, 12, dtype=torch.float64)
+    f = gradient_factors(G, 4, dtype=torch.float64, method="full")
+    U, s, Vt = np.linalg.svd(G.numpy())  # the reference
+    # A's rows are Vt's top 4 up to sign: the projector onto their span is the same
+    P_ref = torch.from_numpy(Vt[:4].T @ Vt[:4])
+    torch.testing.assert_close(f.A.T @ f.A, P_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(f.A @ f.A.T, torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=1e-12)
+    assert torch.equal(f.B0, torch.zeros(9, 4, dtype=torch.float64))
+    assert torch.equal(f.S0, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(f.sigma, torch.from_numpy(s[:4]))
+    # G A^T (B's first gradient) keeps the best rank-4 part of G
+    best = torch.from_numpy((U[:, :4] * s[:4]) @ Vt[:4])
+    torch.testing.assert_close((G @ f.A.T) @ f.A, best, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="calibration"):
+        spectral_factors(G, 4, init="gradient")
+
+
+def _dense_gradients(model, names, batches):
+    """The reference: every parameter trainable, plain autograd, summed over the batches."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    for batch in batches:
+        model(**batch).loss.backward()
+    return {n: model.get_submodule(n).weight.grad.clone() for n in names}
+
+
+def test_weight_gradients_match_dense_autograd_and_leave_the_model_as_it_was():
+    model = tiny_bert().double()
+    names = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"]
+    model.train()
+    for p in model.parameters():  # a frozen model with one stale gradient: both must survive
+        p.requires_grad_(False)
+    head = model.classifier.weight
+    head.grad = torch.ones_like(head)
+    grads = weight_gradients(model, names, _batches())
+    assert model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(head.grad, torch.ones_like(head)) and all(
+        p.grad is None for p in model.parameters() if p is not head
+    )
+    expected = _dense_gradients(tiny_bert().double(), names, _batches())
+    for n in names:
+        assert grads[n].dtype == torch.float32
+        torch.testing.assert_close(grads[n].double(), expected[n], atol=1e-6, rtol=1e-5)
+
+
+def test_weight_gradients_of_conv1d_are_in_out_by_in_layout():
+    name = "transformer.h.0.attn.c_attn"
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    batches = [{"input_ids": ids, "labels": ids}]
+    grads = weight_gradients(tiny_gpt2().double(), [name], batches)
+    expected = _dense_gradients(tiny_gpt2().double(), [name], batches)[name]  # Conv1D: (d_in, d_out)
+    torch.testing.assert_close(grads[name].double(), expected.T, atol=1e-6, rtol=1e-5)
+
+
+def test_model_output_at_init_equals_base_b_gets_the_rank_r_gradient_and_reload_needs_no_calibration(tmp_path):
+    batch = {k: v for k, v in _batches()[0].items() if k != "labels"}
+    base = tiny_bert().double().eval()
+    with torch.no_grad():
+        expected = base(**batch).logits
+    cfg = LamdaConfig(r=4, target_modules="all-linear", init="gradient", modules_to_save=["classifier"])
+    model = get_lamda_model(tiny_bert().double().eval(), cfg, calibration=_batches())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, atol=1e-12, rtol=1e-12)
+
+    names = [n for n, _ in model.lamda_layers()]
+    full = _dense_gradients(tiny_bert().double(), names, _batches())
+    model.eval()
+    for b in _batches():
+        model(**b).loss.backward()
+    for name, layer in model.lamda_layers():
+        # A spans the top-4 right singular vectors of the full gradient ...
+        _, _, Vt = np.linalg.svd(full[name].numpy())
+        torch.testing.assert_close(layer.A.T @ layer.A, torch.from_numpy(Vt[:4].T @ Vt[:4]), atol=1e-5, rtol=1e-5)
+        # ... so B's first gradient (B = B0 + dB) is the full gradient seen through A (scaling 1, S = I)
+        torch.testing.assert_close(layer.dB.grad, full[name] @ layer.A.T, atol=1e-9, rtol=1e-9)
+
+    model.save_pretrained(tmp_path / "adapter")
+    again = LamdaModel.from_pretrained(tiny_bert().double().eval(), tmp_path / "adapter")  # no calibration
+    for (n1, a), (n2, b) in zip(model.adapter_state_dict().items(), again.adapter_state_dict().items(), strict=True):
+        assert n1 == n2 and torch.equal(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_get_lamda_model_errors_name_the_problem():
+    cfg = LamdaConfig(r=4, target_modules="all-linear", init="gradient")
+    with pytest.raises(ValueError, match="needs calibration inputs"):
+        get_lamda_model(tiny_bert(), cfg)
+    with pytest.raises(ValueError, match="returned no loss; the calibration batches need labels"):
+        get_lamda_model(tiny_bert(), cfg, calibration=_batches(with_labels=False))
+    with pytest.raises(ValueError, match="does not combine with quantize"):
+        get_lamda_model(tiny_bert(), LamdaConfig(r=4, target_modules="all-linear", init="gradient", quantize="nf4"), [])
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="exceeds min"):
+        get_lamda_model(model, LamdaConfig(r=999, target_modules="all-linear", init="gradient"), _batches())
+    assert not any(type(m).__name__ == "LamdaLinear" for m in model.modules())  # nothing modified
+
+
+CLI_FAST = ["train", "--max-steps", "2", "--max-train-rows", "48", "--max-eval-rows", "16", "--batch-size", "8"]
+
+
+def test_cli_init_gradient_trains_and_rejects_quantize(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*CLI_FAST, "--init", "gradient", "--calibration-rows", "16", "--output-dir", str(out)]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert main([*CLI_FAST, "--init", "gradient", "--quantize", "nf4", "--output-dir", str(tmp_path / "q")]) == 2
+    assert "--init gradient does not combine with --quantize" in capsys.readouterr().err
