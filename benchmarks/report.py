@@ -14,6 +14,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MIB = 2**20
+# quality.py's variant with the settings of a default `lamda-peft train` LaMDA run (settings.py)
+CLI_DEFAULT_VARIANT = "lamda-r16-grad-combo"
 LABELS = {
     "floor": "no adapter (floor)",
     "full": "full fine-tuning",
@@ -480,8 +482,12 @@ def readme_summary(results_dir: Path) -> list[str]:
     q = load("quality_minilm") or load("quality_minilm_alternatives")
     if q:
         best = {b["variant"]: b for b in q["best_per_variant"]}
-        # the default of `lamda-peft train` (the sweep's winner) when measured, else the first LaMDA row
-        lamda = best.get("lamda-r16-combo") or next((b for v, b in best.items() if v.startswith("lamda-")), None)
+        # the default of `lamda-peft train` when measured, else the previous default, else the first LaMDA row
+        lamda = (
+            best.get(CLI_DEFAULT_VARIANT)
+            or best.get("lamda-r16-combo")
+            or next((b for v, b in best.items() if v.startswith("lamda-")), None)
+        )
         lora = next((b for v, b in best.items() if v.startswith("lora")), None)
         if lamda and lora:
             gap = (lamda["accuracy_mean"] - lora["accuracy_mean"]) * 100
@@ -499,7 +505,7 @@ def readme_summary(results_dir: Path) -> list[str]:
     q = load("quality_smollm2")
     if q:
         best = {b["variant"]: b for b in q["best_per_variant"]}
-        lamda, lora = best.get("lamda-r16-combo"), best.get("lora-r8")
+        lamda, lora = best.get(CLI_DEFAULT_VARIANT) or best.get("lamda-r16-combo"), best.get("lora-r8")
         if lamda and lora:
             fewer = lora["trainable_params_end"] / lamda["trainable_params_end"]
             steps = q["runs"][0]["train_steps"]

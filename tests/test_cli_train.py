@@ -177,14 +177,22 @@ def test_accumulation_checkpointing_bf16_drive_the_schedule(tmp_path):
 
 
 def test_method_dependent_defaults_resolve_and_explicit_values_win():
-    """lr and warm-up default per method (LaMDA: the 3-seed sweep's winner); given values are kept."""
+    """init, lr and warm-up default per method (LaMDA: the 3-seed sweeps' winners); given values are kept."""
     from lamda_peft.settings import TrainSettings
 
     lamda, lora = TrainSettings(method="lamda"), TrainSettings(method="lora")
-    lamda.validate()
-    lora.validate()
-    assert (lamda.lr, lamda.warmup_ratio, lamda.freeze_fraction, lamda.s_lr_scale) == (5e-4, 0.1, 0.6, 3.0)
-    assert (lora.lr, lora.warmup_ratio) == (1e-3, 0.0)
-    given = TrainSettings(method="lamda++", lr=2e-3, warmup_ratio=0.0)
+    spectral, quantized = TrainSettings(method="lamda++", init="spectral"), TrainSettings(quantize="nf4")
+    for s in (lamda, lora, spectral, quantized):
+        s.validate()
+    assert (lamda.init, lamda.lr, lamda.warmup_ratio, lamda.freeze_fraction, lamda.s_lr_scale) == (
+        "gradient",
+        2e-3,
+        0.1,
+        0.6,
+        3.0,
+    )
+    assert (spectral.lr, quantized.init, quantized.lr) == (5e-4, "spectral", 5e-4)  # the residual init's rate
+    assert (lora.init, lora.lr, lora.warmup_ratio) == ("spectral", 1e-3, 0.0)
+    given = TrainSettings(method="lamda++", lr=3e-3, warmup_ratio=0.0)
     given.validate()
-    assert (given.lr, given.warmup_ratio) == (2e-3, 0.0)
+    assert (given.lr, given.warmup_ratio) == (3e-3, 0.0)
