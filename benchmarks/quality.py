@@ -134,7 +134,7 @@ VARIANTS = {
 # (the paper's freeze fraction, one rate for S and B, no warm-up): they keep them explicitly.
 # "lamda-r16-combo" won that sweep and its settings are the defaults of `lamda-peft train` (settings.py);
 # the "-combo" variants use them. "lamda-r16-grad-combo" (the same with init="gradient", lr 2e-3) then
-# won over "lamda-r16-combo" and is the CLI's default run.
+# won over "lamda-r16-combo" on MiniLM and is the CLI's default run for classification.
 PAPER_SETTINGS = {"freeze_fraction": 0.3, "s_lr_scale": 1.0, "warmup_ratio": 0.0}
 for _name, (_overrides, _lrs) in VARIANTS.items():
     if _overrides["method"] in ("lamda", "lamda++") and not _name.endswith("-combo"):

@@ -14,8 +14,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MIB = 2**20
-# quality.py's variant with the settings of a default `lamda-peft train` LaMDA run (settings.py)
+# quality.py's variants with the settings of a default `lamda-peft train` LaMDA run (settings.py): the
+# gradient init for classification, the spectral init for causal-lm
 CLI_DEFAULT_VARIANT = "lamda-r16-grad-combo"
+CLI_DEFAULT_VARIANT_CAUSAL_LM = "lamda-r16-combo"
 LABELS = {
     "floor": "no adapter (floor)",
     "full": "full fine-tuning",
@@ -505,7 +507,7 @@ def readme_summary(results_dir: Path) -> list[str]:
     q = load("quality_smollm2")
     if q:
         best = {b["variant"]: b for b in q["best_per_variant"]}
-        lamda, lora = best.get(CLI_DEFAULT_VARIANT) or best.get("lamda-r16-combo"), best.get("lora-r8")
+        lamda, lora = best.get(CLI_DEFAULT_VARIANT_CAUSAL_LM), best.get("lora-r8")
         if lamda and lora:
             fewer = lora["trainable_params_end"] / lamda["trainable_params_end"]
             steps = q["runs"][0]["train_steps"]
