@@ -19,6 +19,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.to(expected.dtype), expected, **tol)
 
 
+def assert_calibrated_adapter_reloads(
+    model, fresh_base: nn.Module, folder, batch: dict, expected: torch.Tensor
+) -> None:
+    """A calibrated adapter (init "activation"/"gradient") reloads onto `fresh_base` without calibration
+    data: the same adapter state bit for bit, and the same logits on `batch` (float64) as `expected`."""
+    from lamda_peft import LamdaModel
+
+    model.save_pretrained(folder)
+    again = LamdaModel.from_pretrained(fresh_base, folder)  # no calibration
+    for (n1, a), (n2, b) in zip(model.adapter_state_dict().items(), again.adapter_state_dict().items(), strict=True):
+        assert n1 == n2 and torch.equal(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, expected, atol=1e-10, rtol=1e-10)
+
+
 class TinyMLP(nn.Module):
     """A plain (non-HF) model: the library must adapt any nn.Module."""
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_bert
+from conftest import assert_calibrated_adapter_reloads, tiny_bert
 from lamda_peft import LamdaConfig, get_lamda_model
 from lamda_peft.cli import main
-from lamda_peft.model import LamdaModel, input_covariances
+from lamda_peft.model import input_covariances
 from lamda_peft.spectral import activation_factors, spectral_factors
 
 
@@ -88,12 +88,7 @@ def test_model_output_at_init_equals_base_and_reload_needs_no_calibration(tmp_pa
         cov = input_covariances(tiny_bert().double().eval(), [name], _batches())[name]
         top = torch.linalg.eigh(cov).eigenvectors[:, -4:]
         torch.testing.assert_close(layer.A.T, top @ (top.T @ layer.A.T), atol=1e-10, rtol=1e-10)
-    model.save_pretrained(tmp_path / "adapter")
-    again = LamdaModel.from_pretrained(tiny_bert().double().eval(), tmp_path / "adapter")  # no calibration
-    for (n1, a), (n2, b) in zip(model.adapter_state_dict().items(), again.adapter_state_dict().items(), strict=True):
-        assert n1 == n2 and torch.equal(a, b)
-    with torch.no_grad():
-        torch.testing.assert_close(again(**batch).logits, expected, atol=1e-10, rtol=1e-10)
+    assert_calibrated_adapter_reloads(model, tiny_bert().double().eval(), tmp_path / "adapter", batch, expected)
 
 
 def test_get_lamda_model_errors():

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_bert, tiny_gpt2
+from conftest import assert_calibrated_adapter_reloads, tiny_bert, tiny_gpt2
 from lamda_peft import LamdaConfig, get_lamda_model
 from lamda_peft.cli import main
-from lamda_peft.model import LamdaModel, weight_gradients
+from lamda_peft.model import weight_gradients
 from lamda_peft.spectral import gradient_factors, spectral_factors
 
 
@@ -116,12 +116,7 @@ def test_model_output_at_init_equals_base_b_gets_the_rank_r_gradient_and_reload_
         # ... so B's first gradient (B = B0 + dB) is the full gradient seen through A (scaling 1, S = I)
         torch.testing.assert_close(layer.dB.grad, full[name] @ layer.A.T, atol=1e-9, rtol=1e-9)
 
-    model.save_pretrained(tmp_path / "adapter")
-    again = LamdaModel.from_pretrained(tiny_bert().double().eval(), tmp_path / "adapter")  # no calibration
-    for (n1, a), (n2, b) in zip(model.adapter_state_dict().items(), again.adapter_state_dict().items(), strict=True):
-        assert n1 == n2 and torch.equal(a, b)
-    with torch.no_grad():
-        torch.testing.assert_close(again(**batch).logits, expected, atol=1e-12, rtol=1e-12)
+    assert_calibrated_adapter_reloads(model, tiny_bert().double().eval(), tmp_path / "adapter", batch, expected)
 
 
 def test_get_lamda_model_errors_name_the_problem():
