@@ -183,7 +183,8 @@ def test_method_dependent_defaults_resolve_and_explicit_values_win():
     lamda, lora = TrainSettings(method="lamda"), TrainSettings(method="lora")
     spectral, quantized = TrainSettings(method="lamda++", init="spectral"), TrainSettings(quantize="nf4")
     causal_lm = TrainSettings(task="causal-lm", model="smollm2", data="humaneval")
-    for s in (lamda, lora, spectral, quantized, causal_lm):
+    lamda_pp = TrainSettings(method="lamda++")
+    for s in (lamda, lora, spectral, quantized, causal_lm, lamda_pp):
         s.validate()
     assert (lamda.init, lamda.lr, lamda.warmup_ratio, lamda.freeze_fraction, lamda.s_lr_scale) == (
         "gradient",
@@ -194,6 +195,7 @@ def test_method_dependent_defaults_resolve_and_explicit_values_win():
     )
     assert (spectral.lr, quantized.init, quantized.lr) == (5e-4, "spectral", 5e-4)  # the residual init's rate
     assert (causal_lm.init, causal_lm.lr) == ("spectral", 5e-4)  # code text: spectral measured better
+    assert (lamda_pp.init, lamda_pp.lr) == ("spectral", 5e-4)  # LaMDA++ was measured with the spectral init
     assert (lora.init, lora.lr, lora.warmup_ratio) == ("spectral", 1e-3, 0.0)
     given = TrainSettings(method="lamda++", lr=3e-3, warmup_ratio=0.0)
     given.validate()

@@ -347,7 +347,8 @@ def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[
         weight = torch_layout_weight(model.get_submodule(name))
         r, dtype = config.rank_for(name), _adapter_dtype(weight)
         if config.init == "gradient":
-            f = gradient_factors(stats[name], r, dtype=dtype, method=config.svd, niter=config.svd_niter)
+            svd = {"method": config.svd, "niter": config.svd_niter, "full_max_dim": config.svd_full_max_dim}
+            f = gradient_factors(stats[name], r, dtype=dtype, **svd)
         else:
             f = activation_factors(weight, stats[name], r, dtype=dtype)
         factors[name] = SpectralFactors(*(t.to(weight.device) for t in f))

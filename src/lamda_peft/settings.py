@@ -96,13 +96,14 @@ class TrainSettings:
     # seeds against 0.700 +- 0.011 for "spectral", both with the defaults above):
     # benchmarks/results/quality_minilm.json. On the code text (SmolLM2, causal-lm) "spectral" did better
     # (held-out loss 0.821 against 0.826 / 0.828 at 5e-4 / 1e-3: quality_smollm2.json), so the default is
-    # "gradient" for classification only. Quantized bases keep "spectral" (only the residual is quantized).
+    # "gradient" for LaMDA on classification only. LaMDA++ (not measured with it) and quantized bases (only
+    # the residual is quantized) keep "spectral".
     init: str | None = _f(
         None,
         "LaMDA initialisation of A, B, S (spectral: the paper's; zero: A = Vh, B starts at 0 like LoRA's; "
         "activation: A from the inputs' principal directions on --calibration-rows; gradient: A from the loss "
         "gradient's top input directions on --calibration-rows, B starts at 0). Default: gradient for "
-        "--task classification without --quantize, else spectral",
+        "--method lamda on --task classification without --quantize, else spectral",
         choices=["spectral", "orthonormal", "zero", "activation", "gradient"],
     )
     calibration_rows: int = _f(256, "init activation/gradient: training rows whose layer inputs or loss gradient set A")
@@ -155,8 +156,8 @@ class TrainSettings:
 
         lamda = self.method in ("lamda", "lamda++")
         if self.init is None:  # see the comment on `init`
-            measured_better = self.task == "classification" and self.quantize == "none"
-            self.init = "gradient" if lamda and measured_better else "spectral"
+            measured_better = self.method == "lamda" and self.task == "classification" and self.quantize == "none"
+            self.init = "gradient" if measured_better else "spectral"
         if self.lr is None:  # each method's default rate (see the comment on `lr`)
             # A with unit rows (gradient, zero) moves W less per step than sqrt(sigma)-scaled rows
             self.lr = (2e-3 if self.init in ("gradient", "zero") else 5e-4) if lamda else 1e-3
