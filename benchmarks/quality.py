@@ -119,6 +119,44 @@ VARIANTS = {
         },
         [2e-3],
     ),
+    # ... estimated on 1024 training rows instead of 256
+    "lamda-r16-grad-cal1k-combo": (
+        {
+            "method": "lamda",
+            "r": 16,
+            "init": "gradient",
+            "calibration_rows": 1024,
+            "freeze_fraction": 0.6,
+            "s_lr_scale": 3.0,
+            "warmup_ratio": 0.1,
+        },
+        [2e-3],
+    ),
+    # LaMDA++ ranks with the gradient init
+    "lamda++-r16-grad-combo": (
+        {
+            "method": "lamda++",
+            "r": 16,
+            "init": "gradient",
+            "freeze_fraction": 0.6,
+            "s_lr_scale": 3.0,
+            "warmup_ratio": 0.1,
+        },
+        [2e-3],
+    ),
+    # issue 11: the gradient init on an NF4 base: B0 = 0, so the base is Q(W), bitwise QLoRA's
+    "qlamda-nf4-r16-grad-combo": (
+        {
+            "method": "lamda",
+            "r": 16,
+            "init": "gradient",
+            "quantize": "nf4",
+            "freeze_fraction": 0.6,
+            "s_lr_scale": 3.0,
+            "warmup_ratio": 0.1,
+        },
+        [2e-3],
+    ),
     # rank 24: S has 576 entries per layer, 15x fewer trainable parameters than LoRA r=8 at the end
     "lamda-r24-combo": (
         {"method": "lamda", "r": 24, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},

@@ -125,8 +125,6 @@ def test_get_lamda_model_errors_name_the_problem():
         get_lamda_model(tiny_bert(), cfg)
     with pytest.raises(ValueError, match="returned no loss; the calibration batches need labels"):
         get_lamda_model(tiny_bert(), cfg, calibration=_batches(with_labels=False))
-    with pytest.raises(ValueError, match="does not combine with quantize"):
-        get_lamda_model(tiny_bert(), LamdaConfig(r=4, target_modules="all-linear", init="gradient", quantize="nf4"), [])
     model = tiny_bert()
     with pytest.raises(ValueError, match="exceeds min"):
         get_lamda_model(model, LamdaConfig(r=999, target_modules="all-linear", init="gradient"), _batches())
@@ -136,9 +134,41 @@ def test_get_lamda_model_errors_name_the_problem():
 CLI_FAST = ["train", "--max-steps", "2", "--max-train-rows", "48", "--max-eval-rows", "16", "--batch-size", "8"]
 
 
-def test_cli_init_gradient_trains_and_rejects_quantize(tmp_path, capsys):
+def test_cli_init_gradient_trains_and_rejects_loftq(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*CLI_FAST, "--init", "gradient", "--calibration-rows", "16", "--output-dir", str(out)]) == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert main([*CLI_FAST, "--init", "gradient", "--quantize", "nf4", "--output-dir", str(tmp_path / "q")]) == 2
-    assert "--init gradient does not combine with --quantize" in capsys.readouterr().err
+    q = ["--init", "gradient", "--quantize", "nf4", "--loftq-iters", "2", "--output-dir", str(tmp_path / "q")]
+    assert main([*CLI_FAST, *q]) == 2
+    assert "loftq_iters > 0 refits A from the quantization error" in capsys.readouterr().err
+
+
+def test_quantized_base_is_qloras_and_a_is_the_full_precision_gradients(tmp_path):
+    """quantize="nf4" + init="gradient": B0 = 0, so the quantized base is Q(W), bitwise QLoRA's base;
+    A is the full-precision model's; outputs at init are QLoRA's at init; reload rebuilds it bitwise."""
+    pytest.importorskip("bitsandbytes")
+    from lamda_peft import ConfigError, LamdaModel
+    from lamda_peft.quantization import QuantizationError, dequantized_weight, quantize_model_linears
+
+    batch = {k: v for k, v in _batches()[0].items() if k != "labels"}
+    cfg = {"r": 4, "target_modules": "all-linear", "init": "gradient", "modules_to_save": ["classifier"]}
+    model = get_lamda_model(tiny_bert(), LamdaConfig(**cfg, quantize="nf4"), calibration=_batches())
+    full_precision = get_lamda_model(tiny_bert(), LamdaConfig(**cfg), calibration=_batches())
+    names = [n for n, _ in model.lamda_layers()]
+    qlora_base = quantize_model_linears(tiny_bert(), names, "nf4")
+    for (name, layer), (_, fp_layer) in zip(model.lamda_layers(), full_precision.lamda_layers(), strict=True):
+        assert torch.equal(layer.A, fp_layer.A) and not layer.B0.any(), name
+        q = dequantized_weight(qlora_base.get_submodule(name))
+        assert torch.equal(dequantized_weight(layer.base_layer), q), name
+    with torch.no_grad():
+        expected = qlora_base(**batch).logits
+        assert torch.equal(model(**batch).logits, expected)
+    model.save_pretrained(tmp_path / "adapter")
+    again = LamdaModel.from_pretrained(tiny_bert(), tmp_path / "adapter")  # no calibration; digests checked
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, expected)
+
+    with pytest.raises(ConfigError, match="loftq_iters > 0 refits A"):
+        LamdaConfig(**cfg, quantize="nf4", loftq_iters=2)
+    with pytest.raises(QuantizationError, match="already quantized: load the model in full precision"):
+        get_lamda_model(qlora_base, LamdaConfig(**cfg), calibration=_batches())

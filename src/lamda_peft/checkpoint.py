@@ -299,7 +299,7 @@ def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = 
         raise AdapterLoadError(f"{directory}: unexpected tensors in {WEIGHTS_NAME} for this base model: {extra[:5]}")
     # Everything checked: now modify the model. LamdaModel first: a quantized base is verified
     # against its saved digest there, and a refusal must leave modules_to_save untouched too.
-    lamda_model = LamdaModel(model, config, factors=factors)
+    lamda_model = LamdaModel(model, config, factors=factors, reload=True)
     for key, (module, pname) in saved_modules.items():
         module.load_state_dict({pname: tensors[key]}, strict=False)
     for name, layer in lamda_model.lamda_layers():

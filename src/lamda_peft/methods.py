@@ -27,9 +27,7 @@ def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path
         else ([t.strip() for t in s.targets.split(",")] if "," in s.targets or s.targets.isidentifier() else s.targets)
     )
     if s.quantize != "none":
-        if s.init in CALIBRATED_INITS and s.method != "lora":
-            raise CLIError(f"--init {s.init} does not combine with --quantize yet; use --init spectral")
-        return _wrap_quantized(model, s, targets, modules_to_save, model_path)
+        return _wrap_quantized(model, s, targets, modules_to_save, model_path, calibration)
     if s.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -82,8 +80,12 @@ def _lamda_config(s: TrainSettings, targets, modules_to_save, model_path: str, *
     )
 
 
-def _wrap_quantized(model, s: TrainSettings, targets, modules_to_save, model_path: str):
-    """--quantize: QLaMDA (residual quantization) or, for --method lora, PEFT QLoRA on the same base."""
+def _wrap_quantized(model, s: TrainSettings, targets, modules_to_save, model_path: str, calibration=None):
+    """--quantize: QLaMDA (residual quantization) or, for --method lora, PEFT QLoRA on the same base.
+
+    With --init gradient, A comes from the full-precision model's gradient and W itself is quantized
+    (B0 = 0), so QLaMDA and QLoRA then train on the very same Q(W).
+    """
     from lamda_peft.quantization import MissingQuantExtraError, QuantizationError, quantize_model_linears
 
     if s.method not in ("lamda", "lamda++", "lora"):
@@ -98,9 +100,13 @@ def _wrap_quantized(model, s: TrainSettings, targets, modules_to_save, model_pat
             quantize_model_linears(model, names, s.quantize)  # QLoRA's base: Q(W) in place of W
             return get_peft_model(model, _lora_config(s, names, modules_to_save))
         cfg = _lamda_config(s, targets, modules_to_save, model_path, quantize=s.quantize, loftq_iters=s.loftq_iters)
-        return get_lamda_model(model, cfg)
+        return get_lamda_model(model, cfg, calibration=calibration)
     except (MissingQuantExtraError, QuantizationError) as err:
         raise CLIError(str(err)) from None
+    except ValueError as err:
+        if s.init in CALIBRATED_INITS:
+            raise CLIError(f"--init {s.init}: {err}") from None
+        raise
 
 
 def count_trainable(model) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 from lamda_peft.config import LamdaConfig
 from lamda_peft.hooks import evaluating
 from lamda_peft.layer import LamdaLinear, is_conv1d, linear_shape, torch_layout_weight
-from lamda_peft.quantization import build_quantized_layers, uses_quantization
+from lamda_peft.quantization import QuantizationError, build_quantized_layers, quantized_format, uses_quantization
 from lamda_peft.schedule import FreezeSchedule
 from lamda_peft.spectral import SpectralFactors, activation_factors, gradient_factors, spectral_factors
 from lamda_peft.targets import find_targets
@@ -62,13 +62,23 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 class LamdaModel(nn.Module):
     """A model with LaMDA adapters. Build it with `get_lamda_model` or `LamdaModel.from_pretrained`.
 
+    Args:
+        factors: each target's A, B0, S0 when they are not the SVD of its weight: calibrated
+            (init "activation" / "gradient") or read from a saved adapter.
+        reload: the factors come from a saved adapter, so a quantized base rebuilt from them must
+            match the saved digest bitwise.
+
     Attributes:
         model: the wrapped model (its target linears replaced by `LamdaLinear`).
         config: the `LamdaConfig` (with LaMDA++ ranks resolved into `rank_pattern`).
     """
 
     def __init__(
-        self, model: nn.Module, config: LamdaConfig, factors: dict[str, SpectralFactors] | None = None
+        self,
+        model: nn.Module,
+        config: LamdaConfig,
+        factors: dict[str, SpectralFactors] | None = None,
+        reload: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -80,7 +90,9 @@ class LamdaModel(nn.Module):
             check_ranks(model, config, targets)
         # Quantized bases (issue 11) are built first and checked whole: an error modifies nothing.
         quantized = (
-            build_quantized_layers(model, targets, config, factors) if uses_quantization(model, targets, config) else {}
+            build_quantized_layers(model, targets, config, factors, reload)
+            if uses_quantization(model, targets, config)
+            else {}
         )
         for p in model.parameters():
             p.requires_grad_(False)
@@ -327,18 +339,24 @@ def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[
 
     "activation": A on the top-r principal directions of the layer's inputs (`activation_factors`).
     "gradient": A on the top-r right singular vectors of the loss gradient (`gradient_factors`).
+    Both read the full-precision weights; with `config.quantize` the residual W - scaling B0 S0 A
+    is then quantized (for "gradient", B0 = 0: W itself, the same base as QLoRA's).
     """
     if calibration is None:
         raise ValueError(
             f"init={config.init!r} needs calibration inputs: get_lamda_model(model, config, calibration=[batch, ...]) "
             "(`lamda-peft train` uses the first --calibration-rows training rows)"
         )
-    if config.quantize not in (None, "none"):
-        raise ValueError(f"init={config.init!r} does not combine with quantize yet; use init='spectral'")
     targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
+    quantized = [n for n in targets if quantized_format(model.get_submodule(n)) is not None]
+    if quantized:
+        raise QuantizationError(
+            f"init={config.init!r} reads each target's full-precision weight, but module {quantized[0]!r} is already "
+            "quantized: load the model in full precision and pass quantize='nf4' (or 'fp4', 'int8'), or use "
+            "init='spectral'"
+        )
     check_ranks(model, config, targets)  # before the calibration pass
     if config.init == "gradient":
-        calibration = list(calibration)  # may be a generator; weight_gradients iterates it once
         stats = weight_gradients(model, targets, calibration)
     else:
         stats = input_covariances(model, targets, calibration)

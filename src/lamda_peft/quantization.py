@@ -89,6 +89,11 @@ def validate_quantization_fields(config) -> None:
         raise ConfigError(f"loftq_iters must be an integer >= 0, got {it!r}")
     if it > 0 and config.quantize is None:
         raise ConfigError("loftq_iters > 0 needs quantize (nf4, fp4 or int8): there is nothing to iterate on")
+    if it > 0 and config.init in ("activation", "gradient"):
+        raise ConfigError(
+            f"loftq_iters > 0 refits A from the quantization error, which would discard init={config.init!r}'s "
+            "calibrated A: use loftq_iters=0, or init='spectral'"
+        )
     digests = config.quantized_residual_sha256
     if not isinstance(digests, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
@@ -344,13 +349,18 @@ def _residual_with_loftq(weight, bias, r, scaling, config, factors=None):
 
 
 def build_quantized_layers(
-    model: nn.Module, targets: list[str], config, factors: dict[str, SpectralFactors] | None = None
+    model: nn.Module,
+    targets: list[str],
+    config,
+    factors: dict[str, SpectralFactors] | None = None,
+    reload: bool = False,
 ) -> dict[str, QuantizedLamdaLinear]:
     """A `QuantizedLamdaLinear` for every target, without modifying the model.
 
-    Fresh build (`factors` None): factors from the SVD (and LoftQ), digests written into
-    `config.quantized_residual_sha256`. Reload (`factors` given): the quantized bases are rebuilt
-    from the saved factors and must match the config's digests bitwise.
+    Fresh build (`reload` False): factors from the SVD (and LoftQ), or the given calibrated ones
+    (init "activation" / "gradient"); digests written into `config.quantized_residual_sha256`.
+    Reload (`reload` True, `factors` from the saved adapter): the quantized bases are rebuilt from
+    the saved factors and must match the config's digests bitwise.
 
     Raises:
         QuantizationError: a target cannot be quantized (HF Conv1D, a float64 weight), or quantize
@@ -399,7 +409,7 @@ def build_quantized_layers(
             q, delta_form = module, True
             f = given if given is not None else initial_factors(dequantized_weight(module).float(), r, config)
         digests[name] = quantized_digest(q)
-        if factors is not None:
+        if reload:
             expected = config.quantized_residual_sha256.get(name)
             if expected is None:
                 raise AdapterLoadError(f"module {name!r}: the adapter config has no quantized_residual_sha256 entry")
@@ -411,7 +421,7 @@ def build_quantized_layers(
         layers[name] = QuantizedLamdaLinear(
             q, f, scaling, delta_form=delta_form, dropout=config.dropout, freeze_order=config.freeze_order
         )
-    if factors is None:
+    if not reload:
         config.quantized_residual_sha256 = digests
     return layers
 
