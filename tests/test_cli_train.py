@@ -182,9 +182,10 @@ def test_method_dependent_defaults_resolve_and_explicit_values_win():
 
     lamda, lora = TrainSettings(method="lamda"), TrainSettings(method="lora")
     spectral, quantized = TrainSettings(method="lamda++", init="spectral"), TrainSettings(quantize="nf4")
+    loftq = TrainSettings(quantize="nf4", loftq_iters=2)
     causal_lm = TrainSettings(task="causal-lm", model="smollm2", data="humaneval")
     lamda_pp = TrainSettings(method="lamda++")
-    for s in (lamda, lora, spectral, quantized, causal_lm, lamda_pp):
+    for s in (lamda, lora, spectral, quantized, loftq, causal_lm, lamda_pp):
         s.validate()
     assert (lamda.init, lamda.lr, lamda.warmup_ratio, lamda.freeze_fraction, lamda.s_lr_scale) == (
         "gradient",
@@ -193,7 +194,9 @@ def test_method_dependent_defaults_resolve_and_explicit_values_win():
         0.6,
         3.0,
     )
-    assert (spectral.lr, quantized.init, quantized.lr) == (5e-4, "spectral", 5e-4)  # the residual init's rate
+    assert spectral.lr == 5e-4  # the spectral init's rate
+    assert (quantized.init, quantized.lr) == ("gradient", 2e-3)  # NF4: gradient measured better too
+    assert (loftq.init, loftq.lr) == ("spectral", 5e-4)  # LoftQ refits A: the gradient's A would be lost
     assert (causal_lm.init, causal_lm.lr) == ("spectral", 5e-4)  # code text: spectral measured better
     assert (lamda_pp.init, lamda_pp.lr) == ("spectral", 5e-4)  # LaMDA++ was measured with the spectral init
     assert (lora.init, lora.lr, lora.warmup_ratio) == ("spectral", 1e-3, 0.0)

@@ -252,6 +252,11 @@ class LamdaModel(nn.Module):
         return export_lora(self, directory)
 
 
+def _batch_to(batch: dict, device: torch.device) -> dict:
+    """A calibration batch's tensors on the model's device (batches may come from a CPU data loader)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def input_covariances(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
     """X^T X (float64) of the inputs of each named linear over the calibration batches.
 
@@ -272,10 +277,10 @@ def input_covariances(model: nn.Module, names: list[str], calibration) -> dict[s
 
         return record
 
-    device = next(model.parameters()).device  # calibration batches may come from a CPU data loader
+    device = next(model.parameters()).device
     with evaluating(model, {model.get_submodule(n): hook(n) for n in names}), torch.no_grad():
         for batch in calibration:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = _batch_to(batch, device)
             mask[0] = batch.get("attention_mask")
             model(**batch)
     missing = [n for n in names if n not in sums]
@@ -306,7 +311,7 @@ def weight_gradients(model: nn.Module, names: list[str], calibration) -> dict[st
             m.weight.requires_grad_(True)
         with evaluating(model):
             for batch in calibration:
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = _batch_to(batch, device)
                 out = model(**batch)
                 loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
                 if loss is None:

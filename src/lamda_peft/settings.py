@@ -96,14 +96,15 @@ class TrainSettings:
     # seeds against 0.700 +- 0.011 for "spectral", both with the defaults above):
     # benchmarks/results/quality_minilm.json. On the code text (SmolLM2, causal-lm) "spectral" did better
     # (held-out loss 0.821 against 0.826 / 0.828 at 5e-4 / 1e-3: quality_smollm2.json), so the default is
-    # "gradient" for LaMDA on classification only. LaMDA++ (not measured with it) and quantized bases (only
-    # the residual is quantized) keep "spectral".
+    # "gradient" for LaMDA on classification only. On an NF4 base it won too (0.708 +- 0.009 against
+    # 0.690 +- 0.007: quality_minilm_alternatives.json), so --quantize keeps it, except with --loftq-iters
+    # (which refits A from the quantization error). LaMDA++ (not measured with it) keeps "spectral".
     init: str | None = _f(
         None,
         "LaMDA initialisation of A, B, S (spectral: the paper's; zero: A = Vh, B starts at 0 like LoRA's; "
         "activation: A from the inputs' principal directions on --calibration-rows; gradient: A from the loss "
         "gradient's top input directions on --calibration-rows, B starts at 0). Default: gradient for "
-        "--method lamda on --task classification without --quantize, else spectral",
+        "--method lamda on --task classification without --loftq-iters, else spectral",
         choices=["spectral", "orthonormal", "zero", "activation", "gradient"],
     )
     calibration_rows: int = _f(256, "init activation/gradient: training rows whose layer inputs or loss gradient set A")
@@ -112,7 +113,8 @@ class TrainSettings:
     freeze_shared: bool = _f(False, "recursive model folders: keep the shared layer weights frozen while uptraining")
     quantize: str = _f(
         "none",
-        "quantize the frozen base (needs lamda-peft[quant]): LaMDA quantizes only the residual W - B0 S0 A; "
+        "quantize the frozen base (needs lamda-peft[quant]): LaMDA quantizes the residual W - B0 S0 A (W itself "
+        "with --init gradient, whose B0 is 0); "
         "--method lora gives PEFT QLoRA on the same bitsandbytes base",
         choices=["none", "nf4", "fp4", "int8"],
     )
@@ -156,7 +158,7 @@ class TrainSettings:
 
         lamda = self.method in ("lamda", "lamda++")
         if self.init is None:  # see the comment on `init`
-            measured_better = self.method == "lamda" and self.task == "classification" and self.quantize == "none"
+            measured_better = self.method == "lamda" and self.task == "classification" and not self.loftq_iters
             self.init = "gradient" if measured_better else "spectral"
         if self.lr is None:  # each method's default rate (see the comment on `lr`)
             # A with unit rows (gradient, zero) moves W less per step than sqrt(sigma)-scaled rows
