@@ -85,6 +85,16 @@ def test_weight_gradients_match_dense_autograd_and_leave_the_model_as_it_was():
         torch.testing.assert_close(grads[n].double(), expected[n], atol=1e-6, rtol=1e-5)
 
 
+def test_weight_gradients_of_a_bf16_model_are_summed_in_float32():
+    """Half-precision gradients are summed per batch in float32, not accumulated in bf16 by autograd."""
+    names = ["bert.encoder.layer.0.attention.self.query"]
+    grads = weight_gradients(tiny_bert().bfloat16(), names, _batches())
+    per_batch = [_dense_gradients(tiny_bert().bfloat16(), names, [b])[names[0]] for b in _batches()]
+    expected = per_batch[0].float() + per_batch[1].float()
+    assert grads[names[0]].dtype == torch.float32
+    torch.testing.assert_close(grads[names[0]], expected, atol=0, rtol=0)
+
+
 def test_weight_gradients_of_conv1d_are_in_out_by_in_layout():
     name = "transformer.h.0.attn.c_attn"
     ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])

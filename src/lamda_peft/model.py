@@ -295,6 +295,8 @@ CALIBRATED_INITS = ("activation", "gradient")  # inits that read calibration dat
 def weight_gradients(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
     """dL/dW (float32, (d_out, d_in) layout) of each named linear, summed over the calibration batches.
 
+    Memory: one gradient per named weight (as one full fine-tuning step holds), no second copy.
+
     `calibration` is an iterable of keyword batches with labels, so that `model(**batch).loss`
     exists. Runs in eval mode (no dropout); only the named weights take gradients, and every
     parameter's `requires_grad` and `.grad` are as they were afterwards.
@@ -320,10 +322,15 @@ def weight_gradients(model: nn.Module, names: list[str], calibration) -> dict[st
                     )
                 loss.backward()
                 for n, m in modules.items():
-                    if m.weight.grad is not None:
+                    # float32/float64 gradients accumulate in .grad across batches (one gradient per
+                    # weight held, not two); half-precision ones are summed here in float32
+                    if m.weight.grad is not None and m.weight.grad.dtype not in (torch.float32, torch.float64):
                         g = torch_layout_weight_grad(m).to(torch.float32)
-                        sums[n] = sums[n] + g if n in sums else g.clone()
+                        sums[n] = sums[n] + g if n in sums else g
                         m.weight.grad = None
+        for n, m in modules.items():
+            if m.weight.grad is not None:
+                sums[n] = torch_layout_weight_grad(m).to(torch.float32)
     finally:
         for p, (flag, grad) in flags.items():
             p.requires_grad_(flag)
