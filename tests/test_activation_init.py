@@ -102,12 +102,29 @@ def test_get_lamda_model_errors():
 CLI_FAST = ["train", "--max-steps", "2", "--max-train-rows", "48", "--max-eval-rows", "16", "--batch-size", "8"]
 
 
-def test_cli_init_activation_trains_and_rejects_quantize(tmp_path, capsys):
+def test_quantize_quantizes_the_residual_of_the_calibrated_factors():
+    """quantize="nf4" + init="activation": the base is Q(W - scaling B0 S0 A) of the calibrated factors."""
+    pytest.importorskip("bitsandbytes")
+    from lamda_peft.quantization import dequantized_weight, quantize_linear
+    from lamda_peft.spectral import residual_weight
+
+    cfg = LamdaConfig(r=4, target_modules="all-linear", init="activation", quantize="nf4")
+    model = get_lamda_model(tiny_bert(), cfg, calibration=_batches())
+    original = tiny_bert()
+    for name, layer in model.lamda_layers():
+        base = original.get_submodule(name)
+        w_res = residual_weight(base.weight, layer.A, layer.B0, layer.S0, layer.scaling)
+        expected = dequantized_weight(quantize_linear(w_res, base.bias, "nf4"))
+        assert torch.equal(dequantized_weight(layer.base_layer), expected), name
+
+
+def test_cli_init_activation_trains_and_rejects_loftq(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*CLI_FAST, "--init", "activation", "--calibration-rows", "16", "--output-dir", str(out)]
     assert main(argv) == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert main([*CLI_FAST, "--init", "activation", "--quantize", "nf4", "--output-dir", str(tmp_path / "q")]) == 2
-    assert "--init activation does not combine with --quantize" in capsys.readouterr().err
+    q = ["--init", "activation", "--quantize", "nf4", "--loftq-iters", "1", "--output-dir", str(tmp_path / "q")]
+    assert main([*CLI_FAST, *q]) == 2
+    assert "loftq_iters > 0 refits A from the quantization error" in capsys.readouterr().err
     assert main([*CLI_FAST, "--calibration-rows", "0", "--output-dir", str(tmp_path / "c")]) == 2
     assert "calibration_rows must be >= 1" in capsys.readouterr().err
