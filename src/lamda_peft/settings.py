@@ -96,8 +96,8 @@ class TrainSettings:
     # seeds against 0.700 +- 0.011 for "spectral", both with the defaults above):
     # benchmarks/results/quality_minilm.json. On the code text (SmolLM2, causal-lm) "spectral" did better
     # (held-out loss 0.821 against 0.826 / 0.828 at 5e-4 / 1e-3: quality_smollm2.json), so the default is
-    # "gradient" for LaMDA on classification only. On an NF4 base it won too (0.708 +- 0.009 against
-    # 0.690 +- 0.007: quality_minilm_alternatives.json), so --quantize keeps it, except with --loftq-iters
+    # "gradient" for LaMDA on classification only. On an NF4 base it won too (0.717 +- 0.002 on 1024 rows
+    # against 0.690 +- 0.007: quality_minilm_alternatives.json), so --quantize keeps it, except with --loftq-iters
     # (which refits A from the quantization error). LaMDA++ (not measured with it) keeps "spectral".
     init: str | None = _f(
         None,
