@@ -7,6 +7,7 @@ from __future__ import annotations
 from lamda_peft.cli import CLIError
 from lamda_peft.config import LamdaConfig
 from lamda_peft.model import CALIBRATED_INITS, get_lamda_model
+from lamda_peft.quantization import MissingQuantExtraError, QuantizationError, quantize_model_linears
 from lamda_peft.settings import TrainSettings
 from lamda_peft.targets import default_targets, find_targets
 
@@ -41,10 +42,16 @@ def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path
         else:
             cfg = _lora_config(s, names, modules_to_save, init="pissa_niter_4" if s.method == "pissa" else True)
         return get_peft_model(model, cfg)
+    return _wrap_lamda(model, s, targets, modules_to_save, model_path, calibration)
+
+
+def _wrap_lamda(model, s: TrainSettings, targets, modules_to_save, model_path, calibration, **quant):
+    """get_lamda_model from the settings; a calibrated init's input problems become a CLIError (no traceback)."""
     try:
-        return get_lamda_model(model, _lamda_config(s, targets, modules_to_save, model_path), calibration=calibration)
+        cfg = _lamda_config(s, targets, modules_to_save, model_path, **quant)
+        return get_lamda_model(model, cfg, calibration=calibration)
     except ValueError as err:
-        if s.init in CALIBRATED_INITS:  # calibration problems are the user's input: a CLI error, no traceback
+        if s.init in CALIBRATED_INITS and not isinstance(err, QuantizationError):
             raise CLIError(f"--init {s.init}: {err}") from None
         raise
 
@@ -86,8 +93,6 @@ def _wrap_quantized(model, s: TrainSettings, targets, modules_to_save, model_pat
     With --init gradient, A comes from the full-precision model's gradient and W itself is quantized
     (B0 = 0), so QLaMDA and QLoRA then train on the very same Q(W).
     """
-    from lamda_peft.quantization import MissingQuantExtraError, QuantizationError, quantize_model_linears
-
     if s.method not in ("lamda", "lamda++", "lora"):
         raise CLIError(f"--quantize works with --method lamda, lamda++ or lora (QLoRA), not {s.method!r}")
     if s.loftq_iters and s.method == "lora":
@@ -99,14 +104,10 @@ def _wrap_quantized(model, s: TrainSettings, targets, modules_to_save, model_pat
             names = find_targets(model, targets, exclude=modules_to_save)
             quantize_model_linears(model, names, s.quantize)  # QLoRA's base: Q(W) in place of W
             return get_peft_model(model, _lora_config(s, names, modules_to_save))
-        cfg = _lamda_config(s, targets, modules_to_save, model_path, quantize=s.quantize, loftq_iters=s.loftq_iters)
-        return get_lamda_model(model, cfg, calibration=calibration)
+        quant = {"quantize": s.quantize, "loftq_iters": s.loftq_iters}
+        return _wrap_lamda(model, s, targets, modules_to_save, model_path, calibration, **quant)
     except (MissingQuantExtraError, QuantizationError) as err:
         raise CLIError(str(err)) from None
-    except ValueError as err:
-        if s.init in CALIBRATED_INITS:
-            raise CLIError(f"--init {s.init}: {err}") from None
-        raise
 
 
 def count_trainable(model) -> int:
