@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lamda_peft.config import LamdaConfig
+from lamda_peft.config import ConfigError, LamdaConfig
 from lamda_peft.hooks import evaluating
 from lamda_peft.layer import LamdaLinear, is_conv1d, linear_shape, torch_layout_weight
 from lamda_peft.quantization import QuantizationError, build_quantized_layers, quantized_format, uses_quantization
@@ -43,12 +43,12 @@ def initial_factors(weight: torch.Tensor, r: int, config: LamdaConfig) -> Spectr
 
 
 def check_ranks(model: nn.Module, config: LamdaConfig, targets: list[str]) -> None:
-    """Every target's rank fits its weight (r <= min(d_in, d_out)), or a ValueError naming the module."""
+    """Every target's rank fits its weight (r <= min(d_in, d_out)), or a ConfigError naming the module."""
     for name in targets:
         d_out, d_in = linear_shape(model.get_submodule(name))
         r = config.rank_for(name)
         if r > min(d_out, d_in):
-            raise ValueError(
+            raise ConfigError(
                 f"rank {r} for module {name!r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of its {d_out}x{d_in} weight"
             )
 
@@ -121,7 +121,7 @@ class LamdaModel(nn.Module):
             hits = [m for n, m in self.model.named_modules() if n.endswith("." + name)]
             if len(hits) == 1:
                 return hits[0]
-            raise ValueError(f"modules_to_save entry {name!r} matches no single module of the model") from None
+            raise ConfigError(f"modules_to_save entry {name!r} matches no single module of the model") from None
 
     # -- access ------------------------------------------------------------------------------
     def __getattr__(self, name: str):
