@@ -119,6 +119,8 @@ def test_refuses_existing_run_and_overwrites_on_request(tmp_path, capsys):
         ("text,label\na,1\nb,0\n", ["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
         # a rank the weights cannot hold is the user's input: a clear error, no traceback, for every init
         ("text,label\n" + "a,1\nb,0\n" * 12, ["--r", "999", "--init", "spectral"], "rank 999 for module"),
+        ("text,label\n" + "a,1\nb,0\n" * 12, ["--method", "lamda++", "--r", "999"], "allows rank at most 384"),
+        ("text,label\n" + "a,1\nb,0\n" * 12, ["--targets", "nosuch"], "error: target_modules=['nosuch'] matched no"),
     ],
 )
 def test_bad_data_and_model(tmp_path, capsys, rows, flags, message):

@@ -5,7 +5,7 @@ the baselines through the real PEFT (LoRA, PiSSA, VeRA; QLoRA on a quantized bas
 from __future__ import annotations
 
 from lamda_peft.cli import CLIError
-from lamda_peft.config import LamdaConfig
+from lamda_peft.config import ConfigError, LamdaConfig
 from lamda_peft.model import CALIBRATED_INITS, get_lamda_model
 from lamda_peft.quantization import MissingQuantExtraError, QuantizationError, quantize_model_linears
 from lamda_peft.settings import TrainSettings
@@ -50,8 +50,8 @@ def _wrap_lamda(model, s: TrainSettings, targets, modules_to_save, model_path, c
     try:
         cfg = _lamda_config(s, targets, modules_to_save, model_path, **quant)
         return get_lamda_model(model, cfg, calibration=calibration)
-    except ValueError as err:
-        if s.init in CALIBRATED_INITS and not isinstance(err, QuantizationError):
+    except ValueError as err:  # ConfigError (targets, ranks) and QuantizationError already read well
+        if s.init in CALIBRATED_INITS and not isinstance(err, (ConfigError, QuantizationError)):
             raise CLIError(f"--init {s.init}: {err}") from None
         raise
 

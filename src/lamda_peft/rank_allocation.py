@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamda_peft.config import ConfigError
 from lamda_peft.layer import linear_shape, torch_layout_weight
 from lamda_peft.spectral import energy_score, singular_values
 from lamda_peft.targets import find_targets
@@ -100,12 +101,12 @@ def allocate_ranks(
     cheapest, dearest = budget_cost(lo, budget), budget_cost(hi, budget)
     unit = "sum r_l^2" if power == 2 else "sum r_l"
     if cheapest > target:
-        raise ValueError(
+        raise ConfigError(
             f"budget {budget!r} ({unit} = {len(scores)} x {r}^{power} = {target}) cannot be met: every module "
             f"at r_min = {r_min} already spends {cheapest}; lower r_min or raise r"
         )
     if dearest < target:
-        raise ValueError(
+        raise ConfigError(
             f"budget {budget!r} ({unit} = {len(scores)} x {r}^{power} = {target}) cannot be met: every module at "
             f"its upper bound min(r_max = {r_max}, d_in, d_out) spends only {dearest}; raise r_max or lower r"
         )
@@ -213,8 +214,8 @@ def allocate_model_ranks(model: nn.Module, config, num_threads: int | None = 1) 
             100x slower (a 1536x576 `svdvals`: 0.1 s on 1 thread, 13-18 s on 2 busy cores).
 
     Raises:
-        ValueError: no target matched, a target's min(d_in, d_out) is below r_min, or the budget
-            cannot be met within the bounds.
+        ConfigError (a ValueError): no target matched, a target's min(d_in, d_out) is below r_min,
+            or the budget cannot be met within the bounds.
     """
     start = time.perf_counter()
     r_min, r_max = config.rank_bounds
@@ -228,7 +229,7 @@ def allocate_model_ranks(model: nn.Module, config, num_threads: int | None = 1) 
             module = model.get_submodule(name)
             d_out, d_in = linear_shape(module)
             if min(d_out, d_in) < r_min:
-                raise ValueError(
+                raise ConfigError(
                     f"target module {name!r} ({d_out}x{d_in}) allows rank at most {min(d_out, d_in)}, below "
                     f"r_min = {r_min}: lower r_min (or r) or leave the module out of target_modules"
                 )

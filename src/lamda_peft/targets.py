@@ -6,6 +6,7 @@ import re
 
 from torch import nn
 
+from lamda_peft.config import ConfigError
 from lamda_peft.layer import is_conv1d
 
 # Heads that "all-linear" leaves alone (PEFT's convention: the output embedding and the usual
@@ -69,7 +70,7 @@ def find_targets(
     """Names of the Linear/Conv1D modules to adapt, in model order.
 
     Raises:
-        ValueError: nothing matched (the message lists some of the model's linear layers), or a
+        ConfigError (a ValueError): nothing matched (the message lists some of the model's linear layers), or a
             listed name matched a module that is not a Linear/Conv1D.
     """
     target_modules = "all-linear" if target_modules is None else target_modules
@@ -89,7 +90,7 @@ def find_targets(
                 continue
             if not is_linear(module):
                 if isinstance(target_modules, list):  # a regex may well match containers; a name must not
-                    raise ValueError(
+                    raise ConfigError(
                         f"target module {name!r} is a {type(module).__name__}; LaMDA adapts nn.Linear and HF Conv1D only"
                     )
                 continue
@@ -97,7 +98,7 @@ def find_targets(
     if not found:
         available = linear_module_names(model)
         suffixes = sorted({n.split(".")[-1] for n in available})
-        raise ValueError(
+        raise ConfigError(
             f"target_modules={target_modules!r} matched no Linear/Conv1D module. "
             f"Linear layer names in this model end with: {suffixes[:12]}; for example {available[:4]}"
         )
