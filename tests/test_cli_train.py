@@ -207,3 +207,14 @@ def test_method_dependent_defaults_resolve_and_explicit_values_win():
     given = TrainSettings(method="lamda++", lr=3e-3, warmup_ratio=0.0)
     given.validate()
     assert (given.lr, given.warmup_ratio) == (3e-3, 0.0)
+
+
+def test_commands_on_an_unfinished_run_say_how_to_continue_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-3").mkdir(parents=True)  # what a run stopped mid-way leaves
+    for argv in (["evaluate", run], ["merge", run, tmp_path / "merged"], ["export-lora", run, tmp_path / "lora"]):
+        assert run_cli(*argv) == 2
+        assert "has checkpoints/ but no adapter/: the run did not finish" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "lora").exists()
+    assert run_cli("evaluate", tmp_path / "nothing") == 2
+    assert "is neither a run folder with adapter/ nor an adapter folder" in capsys.readouterr().err

@@ -38,6 +38,11 @@ def load_run(path: str, model: str | None = None):
     run_dir = folder.parent if (folder / "adapter_config.json").is_file() else folder
     adapter = folder if (folder / "adapter_config.json").is_file() else folder / "adapter"
     if not (adapter / "adapter_config.json").is_file():
+        if (folder / "checkpoints").is_dir():  # a run stopped before it wrote its adapter
+            raise CLIError(
+                f"{path} has checkpoints/ but no adapter/: the run did not finish; continue it with "
+                "`lamda-peft train ... --resume latest` (the same command it was started with)"
+            )
         raise CLIError(f"{path} is neither a run folder with adapter/ nor an adapter folder")
     resolved = run_dir / "resolved_config.json"
     if not resolved.is_file():
