@@ -32,6 +32,7 @@ def results(tmp_path_factory) -> Path:
     run("inference.py", "--quick", "--out", str(out / "inference.json"))
     run("lean_memory.py", "--quick", "--out", str(out / "lean_memory.json"))
     run("quant_memory.py", "--quick", "--out", str(out / "quant_memory.json"))
+    run("gpu_step.py", "--quick", "--lean", "--quant", "--profile", "--out", str(out / "gpu" / "step_h100.json"))
     return out
 
 
@@ -235,3 +236,21 @@ def test_recursive_quick_uptrains_every_reduced_model(tmp_path):
     for bad in (["--only", "cut 7", "--out", str(only)], ["--only", "cut 15"]):
         with pytest.raises(subprocess.CalledProcessError):  # an unknown row; --only without --out
             run("recursive.py", *bad)
+
+
+def test_gpu_step_runs_on_whatever_device_there_is(results):
+    """gpu_step.py --quick: every method, on the CPU here (no peak figure without CUDA), same structure."""
+    data = load(results, "gpu/step_h100.json")
+    (point,) = data["points"]
+    m = point["methods"]
+    assert not any(r.get("oom") for r in m.values())
+    for name in ("lora", "lamda_after", "lamda_lean", "qlora", "qlamda_after"):
+        assert name in m and m[name]["tokens_per_s"] > 0
+    assert point["ratios_vs_lora"]["lora"]["step_memory_x_less"] == 1.0
+    assert m["lamda_after"]["trainable_parameters"] < m["lamda_before"]["trainable_parameters"]
+    assert m["lamda_after"]["saved_activation_bytes"] < m["lora"]["saved_activation_bytes"]
+    timing = data["timing"]["by_seq"][str(point["seq"])]
+    assert timing["lora"]["x_faster_than_lora"] == 1.0 and "syncs" in timing["lamda_after"]["profile"]
+    # Scalar reads per step (test_schedule checks that the schedule reads no device tensor): LaMDA's
+    # come from AdamW's step counters alone, fewer than LoRA's (fewer trainable tensors).
+    assert timing["lamda_after"]["profile"]["syncs"] <= timing["lora"]["profile"]["syncs"]

@@ -126,3 +126,62 @@ def test_unfused_bases_take_the_generic_path():
         assert trained_base.base_layer.weight.grad is not None
     finally:
         LamdaLinearFunction.forward = staticmethod(original)
+
+
+def test_gradcheck_with_b_presummed():
+    """dB None (a fully frozen B passed as B0 = B0 + dB): the remaining gradients, by finite differences."""
+    torch.manual_seed(1)
+    d_in, d_out, r = 6, 5, 3
+    x = torch.randn(4, d_in, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(d_out, d_in, dtype=torch.float64)
+    A, B, S0 = (torch.randn(*s, dtype=torch.float64) for s in ((r, d_in), (d_out, r), (r, r)))
+    dS = torch.randn(r, r, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, dS: LamdaLinearFunction.apply(x, weight, None, A, B, None, S0, dS, 0.7), (x, dS)
+    )
+
+
+def _bf16_step(layer: LamdaLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    y.float().square().sum().backward()
+    return y.detach(), layer.dS.grad.clone()
+
+
+def test_mixed_precision_casts_frozen_operands_once_and_follows_every_write():
+    """bf16 compute, float32 adapter: the cached casts give what casting every time gives, and any
+    write to a source (a load, a freeze, an optimizer step on a trainable B) is seen at once."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, dtype=torch.bfloat16)
+    layer = LamdaLinear(base, spectral_factors(base.weight.detach().float(), 6), 0.5)
+    with torch.no_grad():
+        layer.dS.normal_(0, 0.1)
+        layer.dB.normal_(0, 0.1)
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+
+    def uncached():  # the same Function with every operand cast on the spot
+        layer.zero_grad(set_to_none=True)
+        B0, dB = (layer.B0 + layer.dB, None) if not layer.dB.requires_grad else (layer.B0, layer.dB)
+        ops = [t if t is None else t.to(torch.bfloat16) for t in (layer.A, B0, dB, layer.S0)]
+        y = LamdaLinearFunction.apply(x, base.weight, base.bias, *ops[:3], ops[3], layer.dS.to(torch.bfloat16), 0.5)
+        y.float().square().sum().backward()
+        return y.detach(), layer.dS.grad.clone()
+
+    def check():
+        y, g = _bf16_step(layer, x)
+        y_ref, g_ref = uncached()
+        assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+        return y
+
+    first = check()
+    assert "B" not in layer.__dict__["_cast_cache"]  # B still trains: it is never cached
+    layer.freeze_columns(6)  # B fully frozen: B0 + dB is cast once
+    check()
+    cached = layer.__dict__["_cast_cache"]["B"][1]
+    check()
+    assert layer.__dict__["_cast_cache"]["B"][1] is cached  # reused, not rebuilt
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["dB"] += 0.25
+    layer.load_state_dict(state)  # a write to dB: the cached B must follow
+    assert not torch.equal(check(), first)
+    assert layer.__dict__["_cast_cache"]["B"][1] is not cached

@@ -118,3 +118,42 @@ def test_schedule_step_survives_save_load(tmp_path):
     loaded = LamdaModel.from_pretrained(TinyMLP(), tmp_path)
     for (_, a), (_, b) in zip(model.lamda_layers(), loaded.lamda_layers(), strict=True):
         assert int(b.step) == 5 and torch.equal(a.frozen, b.frozen)
+
+
+def test_training_steps_never_read_the_schedule_state_back_from_the_device(monkeypatch):
+    """`frozen` and `step` are read through host copies: a training step (forward, backward with the
+    gradient mask, the schedule after the optimizer step) never converts either to a Python value,
+    which on a GPU would stall the host once per layer. A write from outside (a load) is still seen."""
+    model = make(r=4)
+    layers = [layer for _, layer in model.lamda_layers()]
+    watched = {t.data_ptr() for layer in layers for t in (layer.frozen, layer.step)}
+    reads = []
+    for method in ("item", "__bool__", "__int__", "__float__", "tolist"):
+        original = getattr(torch.Tensor, method)
+
+        def spy(self, *args, _original=original, _method=method, **kwargs):
+            if self.data_ptr() in watched:
+                reads.append(_method)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, spy)
+    counts, reads_per_step = [], []
+
+    def on_step(m, opt):
+        counts.append(m.trainable_parameter_count())
+        reads_per_step.append(len(reads))
+        reads.clear()
+
+    train(model, 10, on_step=on_step)
+    assert counts[0] > counts[-1]  # the schedule did freeze B
+    # The first step fills the host copies (one read of each `step`); none after that.
+    assert reads_per_step[0] <= len(layers) and reads_per_step[1:] == [0] * 9, reads_per_step
+    # A load writes `step` and `frozen` on the device: the host copies follow, with one read each.
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for key in [k for k in state if k.endswith(".step")]:
+        state[key].zero_()
+    for key in [k for k in state if k.endswith(".frozen")]:
+        state[key].zero_()
+    model.load_state_dict(state)
+    assert all(layer.n_frozen == 0 and layer.host_step() == 0 for layer in layers)
+    assert reads  # the reload was read back, not served stale from the host copies

@@ -281,7 +281,7 @@ def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = 
         if int(step) < 0:
             raise AdapterLoadError(f"{where}: lamda_step is negative ({int(step)})")
         expected.update(f"{name}.{k}" for k in _ADAPTER_KEYS)
-        factors[name] = SpectralFactors(A, B0, S0, torch.zeros(r, dtype=A.dtype))
+        factors[name] = SpectralFactors(A, B0, S0, torch.zeros(r, dtype=A.dtype, device=A.device))
         states[name] = (dS, dB, frozen, step)
     saved_modules = {}
     for module_name in config.modules_to_save or []:

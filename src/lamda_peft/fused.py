@@ -40,7 +40,7 @@ class LamdaLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, d_in)  # (N, d_in)
         y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (N, d_out)
         h = x2 @ A.t()  # (N, r)
-        B = B0 + dB  # (d_out, r): recomputed in backward, never saved
+        B = B0 if dB is None else B0 + dB  # (d_out, r): recomputed in backward, never saved
         S = S0 + dS  # (r, r)
         y.addmm_(h @ S.t(), B.t(), alpha=scaling)  # y += s * (h S^T) B^T
         ctx.save_for_backward(h, weight, A, B0, dB, S0, dS)
@@ -55,7 +55,7 @@ class LamdaLinearFunction(torch.autograd.Function):
         s = ctx.scaling
         needs_x, _, needs_bias, _, _, needs_dB, _, needs_dS, _ = ctx.needs_input_grad
         dy2 = dy.reshape(-1, weight.shape[0])  # (N, d_out)
-        B = B0 + dB  # (d_out, r)
+        B = B0 if dB is None else B0 + dB  # (d_out, r)
         S = S0 + dS  # (r, r)
         gg = (dy2 @ B).mul_(s)  # (N, r)
         grad_dS = gg.t() @ h if needs_dS else None  # (r, r)
@@ -67,6 +67,12 @@ class LamdaLinearFunction(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)
         grad_bias = dy2.sum(0) if needs_bias else None
         return grad_x, None, grad_bias, None, None, grad_dB, None, grad_dS, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear on `x` computes in: autocast's when it is on, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 def fused_lamda_linear(
@@ -88,17 +94,14 @@ def fused_lamda_linear(
     Args:
         x: (..., d_in) input.
         weight: (d_out, d_in) frozen base weight W_res; bias: (d_out,) or None.
-        A: (r, d_in); B0, dB: (d_out, r); S0, dS: (r, r).
+        A: (r, d_in); B0, dB: (d_out, r), dB None for B = B0 (a fully frozen B, pre-summed); S0, dS: (r, r).
         scaling: alpha / r.
 
     Returns:
         (..., d_out) output.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = x.dtype
+    dtype = compute_dtype(x)
     operands = [x, weight, bias, A, B0, dB, S0, dS]
     operands = [t if t is None or t.dtype == dtype else t.to(dtype) for t in operands]
     with torch.autocast(device_type, enabled=False):

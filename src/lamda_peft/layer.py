@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamda_peft.fused import fused_lamda_linear
+from lamda_peft.fused import compute_dtype, fused_lamda_linear
 from lamda_peft.spectral import SpectralFactors, residual_weight
 
 
@@ -89,15 +89,17 @@ class LamdaLinear(nn.Module):
         self.merged = False
         self.disabled = False
         r, dtype = self.r, factors.A.dtype
-        self.register_buffer("A", factors.A.detach().clone())
-        self.register_buffer("B0", factors.B0.detach().clone())
-        self.register_buffer("S0", factors.S0.detach().clone())
-        self.dS = nn.Parameter(torch.zeros(r, r, dtype=dtype))
-        self.dB = nn.Parameter(torch.zeros(self.d_out, r, dtype=dtype))
-        self.register_buffer("frozen", torch.zeros(r, dtype=torch.bool))
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # Everything lives where the base weight lives (factors may come from a CPU SVD or file).
+        device = base_layer.weight.device
+        self.register_buffer("A", factors.A.detach().to(device, copy=True))
+        self.register_buffer("B0", factors.B0.detach().to(device, copy=True))
+        self.register_buffer("S0", factors.S0.detach().to(device, copy=True))
+        self.dS = nn.Parameter(torch.zeros(r, r, dtype=dtype, device=device))
+        self.dB = nn.Parameter(torch.zeros(self.d_out, r, dtype=dtype, device=device))
+        self.register_buffer("frozen", torch.zeros(r, dtype=torch.bool, device=device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         # Values the frozen columns are pinned to; rebuilt from dB whenever `frozen` changes.
-        self.register_buffer("_dB_pinned", torch.zeros(self.d_out, r, dtype=dtype), persistent=False)
+        self.register_buffer("_dB_pinned", torch.zeros(self.d_out, r, dtype=dtype, device=device), persistent=False)
         self.dB.register_hook(self._mask_frozen_grad)
         # Any load_state_dict (ours, the Trainer's resume) re-pins frozen columns at their loaded values.
         self.register_load_state_dict_post_hook(lambda module, _incompatible: module.sync_frozen_state())
@@ -128,9 +130,8 @@ class LamdaLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.fused and not (self.merged or self.disabled or args or kwargs) and self._fusable():
             base = self.base_layer
-            return fused_lamda_linear(
-                x, base.weight, base.bias, self.A, self.B0, self.dB, self.S0, self.dS, self.scaling
-            )
+            A, B0, dB, S0 = self._frozen_operands(compute_dtype(x))
+            return fused_lamda_linear(x, base.weight, base.bias, A, B0, dB, S0, self.dS, self.scaling)
         result = self.base_layer(x, *args, **kwargs)  # x W_res^T (+ bias)
         if self.merged:
             return result
@@ -142,6 +143,41 @@ class LamdaLinear(nn.Module):
             M = self.scaling * (self.B @ self.S)
         h = F.linear(self.dropout(x), self.A.to(x.dtype))  # (..., r)
         return result + F.linear(h, M.to(x.dtype)).to(result.dtype)  # (..., d_out)
+
+    def _frozen_operands(self, dtype: torch.dtype) -> tuple:
+        """A, B0, dB, S0 for the fused Function; in mixed precision, the frozen ones cast once.
+
+        With float32 adapters and a bf16/fp16 compute dtype, casting A, B0, dB and S0 on every
+        forward costs four kernels per layer (hundreds per step on a 7B model, where a step is
+        bound by kernel launches). Frozen tensors are cast once and cached: A, B0 and S0, and
+        B = B0 + dB (passed as B0, with dB None) once the schedule has frozen all of it. A cache
+        entry is keyed by its sources' version counters and storages, so any write to them
+        (load_state_dict, `.to()`, a merge) rebuilds it. In float32 nothing is cached: the
+        Function then saves the layer's own tensors and no copy exists.
+        """
+        if dtype == self.A.dtype:
+            return self.A, self.B0, self.dB, self.S0
+        A = self._cast_cached("A", dtype, self.A)
+        S0 = self._cast_cached("S0", dtype, self.S0)
+        cache = self.__dict__.setdefault("_cast_cache", {})
+        if self.dB.requires_grad:
+            cache.pop("B", None)
+            return A, self._cast_cached("B0", dtype, self.B0), self.dB, S0
+        cache.pop("B0", None)  # one d_out x r copy per layer at a time
+        return A, self._cast_cached("B", dtype, self.B0, self.dB), None, S0
+
+    def _cast_cached(self, name: str, dtype: torch.dtype, *sources: torch.Tensor) -> torch.Tensor:
+        """sum(sources) in `dtype`, recomputed only when a source changed (see `_frozen_operands`)."""
+        key = (dtype, *(self._key(t) for t in sources))
+        cache = self.__dict__.setdefault("_cast_cache", {})
+        hit = cache.get(name)
+        if hit is not None and hit[0] == key and None not in key:
+            return hit[1]
+        with torch.no_grad():
+            total = sources[0] if len(sources) == 1 else sum(sources[1:], sources[0])
+            value = total.to(dtype)
+        cache[name] = (key, value)
+        return value
 
     def _fusable(self) -> bool:
         # Exactly nn.Linear (a subclass may quantize its weight), a frozen base (the Function
@@ -159,33 +195,77 @@ class LamdaLinear(nn.Module):
 
     # -- freezing ----------------------------------------------------------------------------
     def _mask_frozen_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        if not bool(self.frozen.any()):
+        if self.n_frozen == 0:
             return grad
         return grad.masked_fill(self.frozen[None, :], 0.0)
 
+    # -- host-side copies of `frozen` and `step` ------------------------------------------------
+    # The schedule consults both after every optimizer step and the gradient mask in every
+    # backward; reading a GPU tensor's value stalls the host until the device catches up (four
+    # such syncs per layer per step: hundreds on a 7B model). So the host keeps a copy of each,
+    # keyed by the tensor's version counter and storage: any write that bypasses the schedule
+    # (load_state_dict, a DDP buffer broadcast, `.to(device)`) changes the key and forces one
+    # re-read, so the copy can never go stale.
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple | None:
+        try:
+            return (t._version, t.data_ptr(), t.device)
+        except RuntimeError:  # an inference-mode tensor keeps no version counter: always re-read
+            return None
+
+    def host_frozen(self) -> torch.Tensor:
+        """`frozen` as a CPU bool tensor (r,), read from the device only when it changed."""
+        return self._host_frozen_entry()[1]
+
+    def _host_frozen_entry(self) -> tuple:
+        cache = self.__dict__.get("_frozen_host")
+        if cache is None or cache[0] is None or cache[0] != self._key(self.frozen):
+            mask = self.frozen.detach().cpu()
+            cache = (self._key(self.frozen), mask, int(mask.sum()))
+            self.__dict__["_frozen_host"] = cache
+        return cache
+
+    def host_step(self) -> int:
+        """`step` as a Python int, read from the device only when it changed."""
+        cache = self.__dict__.get("_step_host")
+        if cache is None or cache[0] is None or cache[0] != self._key(self.step):
+            cache = (self._key(self.step), int(self.step))
+            self.__dict__["_step_host"] = cache
+        return cache[1]
+
+    def advance_step(self) -> None:
+        """step += 1, on the device and in the host copy (no sync)."""
+        value = self.host_step() + 1
+        self.step.add_(1)
+        self.__dict__["_step_host"] = (self._key(self.step), value)
+
     @property
     def n_frozen(self) -> int:
-        return int(self.frozen.sum())
+        return self._host_frozen_entry()[2]
 
     def freeze_columns(self, count: int) -> None:
         """Freeze the first `count` columns of B in this layer's freeze order (never unfreezes)."""
-        count = max(self.n_frozen, min(int(count), self.r))
-        order = torch.arange(self.r) if self.freeze_order == "largest_first" else torch.arange(self.r - 1, -1, -1)
-        new = torch.zeros_like(self.frozen)
-        new[order[:count].to(new.device)] = True
-        if torch.equal(new, self.frozen):
+        _, current, n = self._host_frozen_entry()
+        count = max(n, min(int(count), self.r))
+        order = torch.arange(self.r)
+        if self.freeze_order != "largest_first":
+            order = order.flip(0)
+        new = torch.zeros_like(current)
+        new[order[:count]] = True
+        if torch.equal(new, current):
             return
         with torch.no_grad():
             # Columns frozen earlier keep their pinned values; newly frozen ones pin their current ones.
             self._dB_pinned.copy_(torch.where(self.frozen[None, :], self._dB_pinned, self.dB))
             self.frozen.copy_(new)
+        self.__dict__["_frozen_host"] = (self._key(self.frozen), new, count)
         if count == self.r:
             self.dB.requires_grad_(False)
             self.dB.grad = None
 
     def restore_frozen(self) -> None:
         """Undo whatever an optimizer step did to frozen columns (bitwise)."""
-        if bool(self.frozen.any()):
+        if self.n_frozen:
             with torch.no_grad():
                 self.dB.copy_(torch.where(self.frozen[None, :], self._dB_pinned, self.dB))
 
@@ -193,7 +273,7 @@ class LamdaLinear(nn.Module):
         """After loading `frozen` and `dB` from a checkpoint: pin the frozen columns at their loaded values."""
         with torch.no_grad():
             self._dB_pinned.copy_(self.dB)
-        self.dB.requires_grad_(not bool(self.frozen.all()))
+        self.dB.requires_grad_(not bool(self.host_frozen().all()))
 
     def trainable_count(self) -> int:
         """r*r + d_out * (unfrozen columns of B): this layer's trainable parameters right now."""

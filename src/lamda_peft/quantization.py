@@ -287,7 +287,7 @@ class QuantizedLamdaLinear(LamdaLinear):
     def delta_weight(self) -> torch.Tensor:
         """What the adapter adds to the quantized base weight, torch layout (d_out, d_in)."""
         M = self._adapter_matrix()
-        return torch.zeros(self.d_out, self.d_in, dtype=self.A.dtype) if M is None else M @ self.A
+        return torch.zeros(self.d_out, self.d_in, dtype=self.A.dtype, device=self.A.device) if M is None else M @ self.A
 
     def merge(self) -> None:
         """Replace the quantized base by a full-precision `nn.Linear` holding deq(Q) + delta.

@@ -230,9 +230,10 @@ def make_recursive(
             # orthonormal A, B = 0 (same zero output, but B can learn).
             gen = torch.Generator().manual_seed(position * 1000 + len(name))
             q, _ = torch.linalg.qr(torch.randn(residual.shape[1], r, generator=gen, dtype=torch.float64))
-            A = q.T.to(residual.dtype).contiguous()  # (r, d_in), orthonormal rows
-            zeros = torch.zeros(residual.shape[0], r, dtype=residual.dtype)
-            return SpectralFactors(A, zeros, torch.eye(r, dtype=residual.dtype), torch.zeros(r, dtype=residual.dtype))
+            like = {"dtype": residual.dtype, "device": residual.device}
+            A = q.T.to(**like).contiguous()  # (r, d_in), orthonormal rows (the seeded draw is on the CPU)
+            zeros = torch.zeros(residual.shape[0], r, **like)
+            return SpectralFactors(A, zeros, torch.eye(r, **like), torch.zeros(r, **like))
         extra = {"full_max_dim": 0} if svd_method == "auto" else {}
         return spectral_factors(residual, r, dtype=residual.dtype, method=svd_method, **extra)
 

@@ -64,20 +64,20 @@ class FreezeSchedule:
 
     @property
     def step(self) -> int:
-        return int(self.layers[0].step) if self.layers else 0
+        return self.layers[0].host_step() if self.layers else 0
 
     def after_step(self) -> None:
         """Run after every optimizer step: pin frozen columns, count the step, freeze what is due."""
         for layer in self.layers:
             layer.restore_frozen()
-            layer.step += 1
+            layer.advance_step()
         self.apply()
 
     def apply(self) -> None:
         """Freeze each layer's due components; drop fully frozen B from the optimizer (state freed)."""
         released = []
         for layer in self.layers:
-            layer.freeze_columns(frozen_count(int(layer.step), layer.r, self.t_i))
+            layer.freeze_columns(frozen_count(layer.host_step(), layer.r, self.t_i))
             if not layer.dB.requires_grad:
                 released.append(layer.dB)
         if released:

@@ -78,11 +78,11 @@ def spectral_factors(
         root = sigma.sqrt()
         A = root[:, None] * Vh  # (r, d_in)
         B0 = U * root[None, :]  # (d_out, r)
-        S0 = torch.eye(r, dtype=sigma.dtype)
+        S0 = torch.eye(r, dtype=sigma.dtype, device=sigma.device)
     elif init == "orthonormal":
         A, B0, S0 = Vh, U, torch.diag(sigma)
     elif init == "zero":
-        A, B0, S0 = Vh, torch.zeros_like(U), torch.eye(r, dtype=sigma.dtype)
+        A, B0, S0 = Vh, torch.zeros_like(U), torch.eye(r, dtype=sigma.dtype, device=sigma.device)
     elif init in ("activation", "gradient"):
         raise ValueError(
             f"init={init!r} needs calibration data (each layer's inputs or loss gradient): build the model with "
@@ -117,7 +117,7 @@ def activation_factors(
     root = s.sqrt()
     A = root[:, None] * (Vt @ Q.T)
     B0 = U * root[None, :]
-    S0 = torch.eye(r, dtype=torch.float64)
+    S0 = torch.eye(r, dtype=torch.float64, device=s.device)
     return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype).contiguous(), S0.to(dtype), s.to(dtype))
 
 
@@ -130,7 +130,7 @@ def gradient_factors(grad: torch.Tensor, r: int, dtype: torch.dtype = torch.floa
     have to learn), not W's own top directions. `sigma` holds the gradient's singular values g.
     """
     U, g, Vh = top_r_svd(grad, r, **svd_kwargs)
-    A, B0, S0 = Vh, torch.zeros_like(U), torch.eye(r, dtype=g.dtype)
+    A, B0, S0 = Vh, torch.zeros_like(U), torch.eye(r, dtype=g.dtype, device=g.device)
     return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype).contiguous(), S0.to(dtype), g.to(dtype))
 
 

@@ -73,6 +73,11 @@ class LamdaAdapter(nn.Module):
     B = LamdaLinear.B
     S = LamdaLinear.S
     n_frozen = LamdaLinear.n_frozen
+    _key = staticmethod(LamdaLinear._key)
+    host_frozen = LamdaLinear.host_frozen
+    _host_frozen_entry = LamdaLinear._host_frozen_entry
+    host_step = LamdaLinear.host_step
+    advance_step = LamdaLinear.advance_step
     _mask_frozen_grad = LamdaLinear._mask_frozen_grad
     freeze_columns = LamdaLinear.freeze_columns
     restore_frozen = LamdaLinear.restore_frozen
@@ -88,11 +93,11 @@ class LamdaAdapter(nn.Module):
         self._ensure_grad_mask()
         trainable = self.dS.requires_grad  # an inference-mode load keeps everything frozen
         self.sync_frozen_state()
-        self.dB.requires_grad_(trainable and not bool(self.frozen.all()))
+        self.dB.requires_grad_(trainable and not bool(self.host_frozen().all()))
 
     def respect_freeze(self) -> None:
         """After PEFT toggled requires_grad on the whole adapter: a fully frozen B stays frozen."""
-        if bool(self.frozen.all()):
+        if bool(self.host_frozen().all()):
             self.dB.requires_grad_(False)
 
     # -- the maths -----------------------------------------------------------------------------
