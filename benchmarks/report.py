@@ -329,6 +329,103 @@ def lean_memory_section(data: dict) -> list[str]:
     return out
 
 
+GIB = 2**30
+GPU_LABELS = {
+    **LABELS,
+    "lamda_chunked": "LaMDA, B frozen + chunked cross-entropy",
+    "lamda_lean": "LaMDA, B frozen, --memory-lean (chunked CE + checkpointing)",
+    "lora_lean": "PEFT LoRA, the same lean mode",
+    "qlora": "PEFT QLoRA (NF4)",
+    "qlamda_before": "QLaMDA NF4, B trainable",
+    "qlamda_after": "QLaMDA NF4, B frozen",
+}
+
+
+def gpu_step_section(data: dict, title: str) -> list[str]:
+    """gpu_step.py: peak max_memory_allocated per method and sequence, then the interleaved timing."""
+    dev, m = data["device"], data["machine"]
+    out = [f"## {title}", ""]
+    out.append(
+        f"Device: {dev.get('name', dev['type'])} ({dev.get('memory_gib', '-')} GiB, CUDA {dev.get('cuda', '-')}); "
+        f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}. Command: `{data['command']}`."
+    )
+    out.append("")
+    out.append(
+        f"{data['model']}, {data['base_dtype']} base weights, float32 adapters, {data['targets']} r={data['r']}, "
+        f"batch {data['batch']}, attention {data['attention']}. Peak = `torch.cuda.max_memory_allocated` over one "
+        "training step (forward, backward, AdamW step) after warm-up; step increase = peak minus what was "
+        "allocated before the step (weights, adapter, optimizer state). Tokens/s here: one method at a time, "
+        f"median of {data['timed_steps']} steps (see the interleaved timing below for speed comparisons)."
+    )
+    out.append("")
+    rows = []
+    for pnt in data["points"]:
+        for name, r in pnt["methods"].items():
+            label = GPU_LABELS.get(name, name)
+            if r.get("oom"):
+                rows.append([str(pnt["seq"]), label, "out of memory", "-", "-", "-", "-", "-"])
+                continue
+            x = pnt["ratios_vs_lora"].get(name, {})
+            floor = pnt["methods"].get("floor") or {}
+            peak, floor_peak = r["peak_allocated_bytes"], floor.get("peak_allocated_bytes")
+            over = None if peak is None or not floor_peak else peak / floor_peak - 1
+            increase = r["peak_step_increase_bytes"]
+            rows.append(
+                [
+                    str(pnt["seq"]),
+                    label,
+                    _f(None if peak is None else peak / GIB, "{:.2f}"),
+                    _f(x.get("peak_x_less"), "{:.2f}x"),
+                    _f(over, "{:+.1%}"),
+                    _f(None if increase is None else increase / GIB, "{:.2f}"),
+                    f"{r['tokens_per_s']:.0f}",
+                    f"{r['trainable_parameters']:,}",
+                ]
+            )
+    out += _table(
+        [
+            "seq",
+            "method",
+            "peak GiB",
+            "x less than LoRA",
+            "over the floor",
+            "step increase GiB",
+            "tokens/s (alone)",
+            "trainable",
+        ],
+        rows,
+    )
+    out.append("")
+    timing = data.get("timing", {})
+    if timing.get("by_seq"):
+        out.append(
+            f"Interleaved timing: the same shape with {timing['layers']} layers, every method resident at once, "
+            f"{timing['rounds']} rounds of one step each, the order rotating; median wall time per step (each step "
+            "bracketed by `torch.cuda.synchronize()`). Kernel launches and host-device syncs: one profiled step."
+        )
+        out.append("")
+        rows = []
+        for seq, by_method in timing["by_seq"].items():
+            for name, t in by_method.items():
+                prof = t.get("profile") or {}
+                rows.append(
+                    [
+                        seq,
+                        GPU_LABELS.get(name, name),
+                        f"{t['wall']['median_s'] * 1e3:.1f}",
+                        f"{t['tokens_per_s']:.0f}",
+                        _f(t.get("x_faster_than_lora"), "{:.2f}x"),
+                        _f(None if t.get("time_over_floor") is None else t["time_over_floor"] - 1, "{:+.0%}"),
+                        str(prof.get("kernel_launches", "-")),
+                    ]
+                )
+        out += _table(
+            ["seq", "method", "ms/step", "tokens/s", "x faster than LoRA", "over the floor", "kernel launches"], rows
+        )
+        out.append("")
+    return out
+
+
 def plot_quality(data: dict, path: Path) -> None:
     """The preset's metric (mean, std over seeds) against trainable parameters at the end, log x axis."""
     import matplotlib
@@ -464,6 +561,62 @@ def readme_summary(results_dir: Path) -> list[str]:
                     _f(x, "{:.2f}x less"),
                     _ok(None if x is None else x >= 2),
                     f"{lean['model']} all-linear r={lean['r']}, b{lean['batch']} s{pnt['seq']}, peak RSS delta",
+                ]
+            )
+    gpu = load("gpu/step_h100")
+    if gpu and gpu["device"]["type"] == "cuda":  # a --quick run on the CPU has no GPU figure to report
+        pnt = max(gpu["points"], key=lambda p: p["seq"])
+        where = (
+            f"{gpu['device']['name']}, Llama-7B shape, {gpu['base_dtype']}, {gpu['targets']} r={gpu['r']}, "
+            f"b{gpu['batch']} s{pnt['seq']}, peak max_memory_allocated"
+        )
+        for name in ("lamda_before", "lamda_after"):
+            x = pnt["ratios_vs_lora"][name]["peak_x_less"]
+            rows.append(
+                [
+                    f"{LABELS[name]}: peak GPU memory vs PEFT LoRA",
+                    ">= 1.32x less (paper)",
+                    _f(x, "{:.2f}x less"),
+                    _ok(None if x is None else x >= 1.32),
+                    where,
+                ]
+            )
+        x = pnt["ratios_vs_lora"].get("lamda_lean", {}).get("peak_x_less")
+        if x is not None:
+            rows.append(
+                [
+                    "LaMDA --memory-lean vs PEFT LoRA, stock settings: peak GPU memory",
+                    ">= 2x less",
+                    _f(x, "{:.2f}x less"),
+                    _ok(None if x is None else x >= 2),
+                    where,
+                ]
+            )
+        x = (pnt.get("ratios_vs_qlora") or {}).get("qlamda_after", {}).get("peak_x_less")
+        if x is not None:
+            rows.append(
+                ["QLaMDA (B frozen) vs PEFT QLoRA, NF4: peak GPU memory", "-", _f(x, "{:.2f}x less"), "-", where]
+            )
+        timing = gpu.get("timing", {}).get("by_seq", {}).get(str(pnt["seq"]))
+        if timing and "lamda_after" in timing:
+            t = timing["lamda_after"]
+            layers = gpu["timing"]["layers"]
+            rows.append(
+                [
+                    "LaMDA, B frozen: GPU step time vs PEFT LoRA",
+                    ">= 1.15x faster",
+                    _f(t["x_faster_than_lora"], "{:.2f}x faster"),
+                    _ok(t["x_faster_than_lora"] >= 1.15),
+                    f"{gpu['device']['name']}, {layers} layers of the same shape, interleaved, median",
+                ]
+            )
+            rows.append(
+                [
+                    "LaMDA, B frozen: GPU step time over the floor",
+                    "<= +5%",
+                    _pct(t["time_over_floor"]),
+                    _ok(t["time_over_floor"] <= 1.05),
+                    f"{gpu['device']['name']}, {layers} layers, interleaved",
                 ]
             )
     pu = load("param_updates")
@@ -619,6 +772,8 @@ def main(argv=None) -> int:
         ("param_updates", param_updates_section),
         ("inference", inference_section),
         ("lean_memory", lean_memory_section),
+        ("gpu/step_h100", lambda d: gpu_step_section(d, "GPU: peak memory and speed per step (Llama-7B shape)")),
+        ("gpu/step_h100_qv", lambda d: gpu_step_section(d, "GPU: the same with targets q,v")),
         ("quality_minilm", minilm_quality),
         ("quality_minilm_alternatives", alternatives),
         ("quality_smollm2", smollm2_quality),
@@ -632,7 +787,7 @@ def main(argv=None) -> int:
                 png = "quality_vs_params.png" if stem == "quality_minilm" else f"{stem}_vs_params.png"
                 plot_quality(payload, args.results_dir / png)
                 lines += [f"Plot: `results/{png}`.", ""]
-        elif stem not in ("step_time_focus", "quality_minilm_alternatives", "quality_smollm2"):
+        elif stem not in ("step_time_focus", "quality_minilm_alternatives", "quality_smollm2") and "gpu" not in stem:
             lines += [f"_{path.name}: not found; run the benchmark first._", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines).rstrip() + "\n")

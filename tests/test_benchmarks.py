@@ -123,7 +123,7 @@ def test_report_renders(results, tmp_path):
     readme.write_text("intro\n<!-- benchmarks:start -->\nstale\n<!-- benchmarks:end -->\noutro\n")
     run("report.py", "--results-dir", str(results), "--out", str(out), "--readme", str(readme))
     text = out.read_text()
-    for heading in ("Memory and time per training step", "parameter updates", "Inference", "Memory-lean"):
+    for heading in ("Memory and time per training step", "parameter updates", "Inference", "Memory-lean", "GPU: peak"):
         assert heading.lower() in text.lower()
     block = readme.read_text()
     assert block.startswith("intro\n") and block.endswith("outro\n") and "stale" not in block
