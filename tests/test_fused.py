@@ -185,3 +185,17 @@ def test_mixed_precision_casts_frozen_operands_once_and_follows_every_write():
     layer.load_state_dict(state)  # a write to dB: the cached B must follow
     assert not torch.equal(check(), first)
     assert layer.__dict__["_cast_cache"]["B"][1] is not cached
+
+
+def test_mixed_precision_inference_mode_then_training():
+    """An evaluation under torch.inference_mode leaves no inference tensor in the cast cache: the next
+    training step (which saves the cast operands for backward) still runs."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, dtype=torch.bfloat16)
+    layer = LamdaLinear(base, spectral_factors(base.weight.detach().float(), 6), 0.5)
+    layer.freeze_columns(6)
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        evaluated = layer(x)
+    y, grad = _bf16_step(layer, x)
+    assert torch.equal(y, evaluated) and torch.isfinite(grad).all()

@@ -176,7 +176,8 @@ class LamdaLinear(nn.Module):
         with torch.no_grad():
             total = sources[0] if len(sources) == 1 else sum(sources[1:], sources[0])
             value = total.to(dtype)
-        cache[name] = (key, value)
+        if not torch.is_inference_mode_enabled():  # an inference tensor could not be saved for a later backward
+            cache[name] = (key, value)
         return value
 
     def _fusable(self) -> bool:
