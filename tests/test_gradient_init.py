@@ -153,9 +153,10 @@ def test_cli_init_gradient_trains_and_rejects_loftq(tmp_path, capsys):
     assert "loftq_iters > 0 refits A from the quantization error" in capsys.readouterr().err
 
 
-def test_quantized_base_is_qloras_and_a_is_the_full_precision_gradients(tmp_path):
+def test_quantized_base_is_qloras_and_a_is_the_quantized_models_gradients(tmp_path):
     """quantize="nf4" + init="gradient": B0 = 0, so the quantized base is Q(W), bitwise QLoRA's base;
-    A is the full-precision model's; outputs at init are QLoRA's at init; reload rebuilds it bitwise."""
+    A comes from the gradient of that quantized model (the one that trains), not of the
+    full-precision one; outputs at init are QLoRA's at init; reload rebuilds it bitwise."""
     pytest.importorskip("bitsandbytes")
     from lamda_peft import ConfigError, LamdaModel
     from lamda_peft.quantization import QuantizationError, dequantized_weight, quantize_model_linears
@@ -166,10 +167,19 @@ def test_quantized_base_is_qloras_and_a_is_the_full_precision_gradients(tmp_path
     full_precision = get_lamda_model(tiny_bert(), LamdaConfig(**cfg), calibration=_batches())
     names = [n for n, _ in model.lamda_layers()]
     qlora_base = quantize_model_linears(tiny_bert(), names, "nf4")
+    # The reference: a full-precision model whose targets hold deq(Q(W)), calibrated the same way.
+    on_q = tiny_bert()
+    with torch.no_grad():
+        for name in names:
+            on_q.get_submodule(name).weight.copy_(dequantized_weight(qlora_base.get_submodule(name)))
+    reference = dict(get_lamda_model(on_q, LamdaConfig(**cfg), calibration=_batches()).lamda_layers())
+    differs = []
     for (name, layer), (_, fp_layer) in zip(model.lamda_layers(), full_precision.lamda_layers(), strict=True):
-        assert torch.equal(layer.A, fp_layer.A) and not layer.B0.any(), name
+        assert torch.equal(layer.A, reference[name].A) and not layer.B0.any(), name
+        differs.append(not torch.equal(layer.A, fp_layer.A))
         q = dequantized_weight(qlora_base.get_submodule(name))
         assert torch.equal(dequantized_weight(layer.base_layer), q), name
+    assert all(differs)  # the calibration did see the quantized weights
     with torch.no_grad():
         expected = qlora_base(**batch).logits
         assert torch.equal(model(**batch).logits, expected)

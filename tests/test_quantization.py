@@ -464,3 +464,20 @@ def test_quantization_error_benchmark_quick(tmp_path):
     assert summary["linears_improved"] == {"residual": 14, "loftq5": 14}
     assert summary["median_ratio_plain_over"]["loftq5"] > summary["median_ratio_plain_over"]["residual"] > 1
     assert summary["output_ratio_plain_over"]["residual"] > 1
+
+
+@pytest.mark.parametrize(("quantize", "backend"), FORMATS, ids=FORMAT_IDS)
+def test_weights_as_quantized_shows_q_inside_and_restores_w_bitwise(quantize, backend):
+    """The gradient init's calibration view: deq(Q(W)) inside the block, W bitwise after it, also
+    when the block raises."""
+    from lamda_peft.quantization import weights_as_quantized
+
+    model, original = Tiny(), Tiny()
+    config = _config(quantize, backend)
+    expected = dequantized_weight(quantize_linear(original.l1.weight, None, quantize, backend)).float()
+    with pytest.raises(RuntimeError, match="calibration failed"), weights_as_quantized(model, ["l1", "l2"], config):
+        assert torch.equal(model.l1.weight, expected)
+        assert not torch.equal(model.l1.weight, original.l1.weight)
+        raise RuntimeError("calibration failed")
+    for name in ("l1", "l2", "head"):
+        assert torch.equal(getattr(model, name).weight, getattr(original, name).weight), name

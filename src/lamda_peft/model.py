@@ -17,7 +17,13 @@ from torch import nn
 from lamda_peft.config import ConfigError, LamdaConfig
 from lamda_peft.hooks import evaluating
 from lamda_peft.layer import LamdaLinear, is_conv1d, linear_shape, torch_layout_weight
-from lamda_peft.quantization import QuantizationError, build_quantized_layers, quantized_format, uses_quantization
+from lamda_peft.quantization import (
+    QuantizationError,
+    build_quantized_layers,
+    quantized_format,
+    uses_quantization,
+    weights_as_quantized,
+)
 from lamda_peft.schedule import FreezeSchedule
 from lamda_peft.spectral import SpectralFactors, activation_factors, gradient_factors, spectral_factors
 from lamda_peft.targets import find_targets
@@ -352,7 +358,9 @@ def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[
     "activation": A on the top-r principal directions of the layer's inputs (`activation_factors`).
     "gradient": A on the top-r right singular vectors of the loss gradient (`gradient_factors`).
     Both read the full-precision weights; with `config.quantize` the residual W - scaling B0 S0 A
-    is then quantized (for "gradient", B0 = 0: W itself, the same base as QLoRA's).
+    is then quantized. For "gradient", B0 = 0, so that base is Q(W) itself (QLoRA's), and the
+    calibration gradient is taken on it: on the model that will train (over 5 MiniLM seeds,
+    0.712 against 0.706 accuracy with the full-precision gradient; README, "Quantized bases").
     """
     if calibration is None:
         raise ValueError(
@@ -368,7 +376,11 @@ def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[
             "init='spectral'"
         )
     check_ranks(model, config, targets)  # before the calibration pass
-    if config.init == "gradient":
+    if config.init == "gradient" and config.quantize:
+        # B0 = 0: the base will be Q(W) itself, so take the gradient on that model
+        with weights_as_quantized(model, targets, config):
+            stats = weight_gradients(model, targets, calibration)
+    elif config.init == "gradient":
         stats = weight_gradients(model, targets, calibration)
     else:
         stats = input_covariances(model, targets, calibration)

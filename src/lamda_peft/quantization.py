@@ -29,6 +29,7 @@ behind `require_backend`, which names the `quant` extra when a package is missin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import sys
@@ -155,6 +156,32 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if kind == "torchao":
         return module.weight.dequantize()
     raise QuantizationError(f"{type(module).__name__} is not a bitsandbytes or torchao quantized linear")
+
+
+@contextlib.contextmanager
+def weights_as_quantized(model: nn.Module, names: list[str], config):
+    """Inside the block, each named linear's weight holds deq(Q(W)) (config's format); W afterwards.
+
+    For the gradient init on a quantized base (B0 = 0, so the base is Q(W) itself): the calibration
+    gradient is then taken on the model that will actually train, not on the full-precision one.
+    """
+    from lamda_peft.layer import torch_layout_weight
+
+    require_backend(config.quant_backend, config.quantize)
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name in names:
+                w = torch_layout_weight(model.get_submodule(name))
+                q = quantize_linear(w, None, config.quantize, config.quant_backend, config.quant_blocksize)
+                deq = dequantized_weight(q).to(w.dtype)
+                saved[name] = w.detach().clone()
+                w.copy_(deq)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                torch_layout_weight(model.get_submodule(name)).copy_(original)
 
 
 def quantize_linear(
