@@ -401,7 +401,7 @@ def gpu_step_section(data: dict, title: str) -> list[str]:
         out.append(
             f"Interleaved timing: the same shape with {timing['layers']} layers, every method resident at once, "
             f"{timing['rounds']} rounds of one step each, the order rotating; median wall time per step (each step "
-            "bracketed by `torch.cuda.synchronize()`). Kernel launches and host-device syncs: one profiled step."
+            "bracketed by `torch.cuda.synchronize()`). Kernel launches: one profiled step."
         )
         out.append("")
         rows = []
