@@ -174,17 +174,17 @@ def test_mixed_precision_casts_frozen_operands_once_and_follows_every_write():
         return y
 
     first = check()
-    assert "B" not in layer.__dict__["_cast_cache"]  # B still trains: it is never cached
+    assert "cast:B" not in layer.__dict__["_derived_cache"]  # B still trains: it is never cached
     layer.freeze_columns(6)  # B fully frozen: B0 + dB is cast once
     check()
-    cached = layer.__dict__["_cast_cache"]["B"][1]
+    cached = layer.__dict__["_derived_cache"]["cast:B"][1]
     check()
-    assert layer.__dict__["_cast_cache"]["B"][1] is cached  # reused, not rebuilt
+    assert layer.__dict__["_derived_cache"]["cast:B"][1] is cached  # reused, not rebuilt
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     state["dB"] += 0.25
     layer.load_state_dict(state)  # a write to dB: the cached B must follow
     assert not torch.equal(check(), first)
-    assert layer.__dict__["_cast_cache"]["B"][1] is not cached
+    assert layer.__dict__["_derived_cache"]["cast:B"][1] is not cached
 
 
 def test_mixed_precision_inference_mode_then_training():

@@ -159,26 +159,22 @@ class LamdaLinear(nn.Module):
             return self.A, self.B0, self.dB, self.S0
         A = self._cast_cached("A", dtype, self.A)
         S0 = self._cast_cached("S0", dtype, self.S0)
-        cache = self.__dict__.setdefault("_cast_cache", {})
         if self.dB.requires_grad:
-            cache.pop("B", None)
+            self._forget("cast:B")
             return A, self._cast_cached("B0", dtype, self.B0), self.dB, S0
-        cache.pop("B0", None)  # one d_out x r copy per layer at a time
+        self._forget("cast:B0")  # one d_out x r copy per layer at a time
         return A, self._cast_cached("B", dtype, self.B0, self.dB), None, S0
 
     def _cast_cached(self, name: str, dtype: torch.dtype, *sources: torch.Tensor) -> torch.Tensor:
         """sum(sources) in `dtype`, recomputed only when a source changed (see `_frozen_operands`)."""
-        key = (dtype, *(self._key(t) for t in sources))
-        cache = self.__dict__.setdefault("_cast_cache", {})
-        hit = cache.get(name)
-        if hit is not None and hit[0] == key and None not in key:
-            return hit[1]
-        with torch.no_grad():
-            total = sources[0] if len(sources) == 1 else sum(sources[1:], sources[0])
-            value = total.to(dtype)
-        if not torch.is_inference_mode_enabled():  # an inference tensor could not be saved for a later backward
-            cache[name] = (key, value)
-        return value
+
+        def cast() -> torch.Tensor:
+            with torch.no_grad():
+                total = sources[0] if len(sources) == 1 else sum(sources[1:], sources[0])
+                return total.to(dtype)
+
+        # Under inference mode the cast is an inference tensor, which a later backward could not save.
+        return self._derived(f"cast:{name}", sources, cast, tag=dtype, keep=not torch.is_inference_mode_enabled())
 
     def _fusable(self) -> bool:
         # Exactly nn.Linear (a subclass may quantize its weight), a frozen base (the Function
@@ -200,53 +196,70 @@ class LamdaLinear(nn.Module):
             return grad
         return grad.masked_fill(self.frozen[None, :], 0.0)
 
-    # -- host-side copies of `frozen` and `step` ------------------------------------------------
-    # The schedule consults both after every optimizer step and the gradient mask in every
-    # backward; reading a GPU tensor's value stalls the host until the device catches up (four
-    # such syncs per layer per step: hundreds on a 7B model). So the host keeps a copy of each,
-    # keyed by the tensor's version counter and storage: any write that bypasses the schedule
-    # (load_state_dict, a DDP buffer broadcast, `.to(device)`) changes the key and forces one
-    # re-read, so the copy can never go stale.
+    # -- values derived from the layer's tensors, kept until those tensors are written -----------
+    # The schedule consults `frozen` and `step` after every optimizer step and the gradient mask
+    # in every backward; reading a GPU tensor's value stalls the host until the device catches up
+    # (four such syncs per layer per step: hundreds on a 7B model). So the host keeps a copy of
+    # each, as it keeps the mixed-precision casts: keyed by each source's version counter and
+    # storage. Any write that bypasses the schedule (load_state_dict, a DDP buffer broadcast,
+    # `.to(device)`) changes the key and forces one recomputation, so a value can never go stale.
     @staticmethod
     def _key(t: torch.Tensor) -> tuple | None:
         try:
             return (t._version, t.data_ptr(), t.device)
-        except RuntimeError:  # an inference-mode tensor keeps no version counter: always re-read
+        except RuntimeError:  # an inference-mode tensor keeps no version counter: always recompute
             return None
+
+    def _derived(self, slot: str, sources: tuple, compute, tag=None, keep: bool = True):
+        """compute(), cached in `slot` while `tag` and every source's version and storage are unchanged."""
+        versions = tuple(self._key(t) for t in sources)
+        key = (tag, *versions)
+        table = self.__dict__.setdefault("_derived_cache", {})
+        hit = table.get(slot)
+        if hit is not None and hit[0] == key and None not in versions:
+            return hit[1]
+        value = compute()
+        if keep:
+            table[slot] = (key, value)
+        return value
+
+    def _remember(self, slot: str, sources: tuple, value) -> None:
+        """After the layer's own write to `sources`: `value` is what `slot` holds for them now."""
+        self.__dict__.setdefault("_derived_cache", {})[slot] = ((None, *(self._key(t) for t in sources)), value)
+
+    def _forget(self, slot: str) -> None:
+        self.__dict__.setdefault("_derived_cache", {}).pop(slot, None)
+
+    def _frozen_on_host(self) -> tuple[torch.Tensor, int]:
+        """(`frozen` as a CPU bool tensor (r,), its count), read from the device only when it changed."""
+
+        def read() -> tuple[torch.Tensor, int]:
+            mask = self.frozen.detach().cpu()
+            return mask, int(mask.sum())
+
+        return self._derived("frozen", (self.frozen,), read)
 
     def host_frozen(self) -> torch.Tensor:
         """`frozen` as a CPU bool tensor (r,), read from the device only when it changed."""
-        return self._host_frozen_entry()[1]
-
-    def _host_frozen_entry(self) -> tuple:
-        cache = self.__dict__.get("_frozen_host")
-        if cache is None or cache[0] is None or cache[0] != self._key(self.frozen):
-            mask = self.frozen.detach().cpu()
-            cache = (self._key(self.frozen), mask, int(mask.sum()))
-            self.__dict__["_frozen_host"] = cache
-        return cache
+        return self._frozen_on_host()[0]
 
     def host_step(self) -> int:
         """`step` as a Python int, read from the device only when it changed."""
-        cache = self.__dict__.get("_step_host")
-        if cache is None or cache[0] is None or cache[0] != self._key(self.step):
-            cache = (self._key(self.step), int(self.step))
-            self.__dict__["_step_host"] = cache
-        return cache[1]
+        return self._derived("step", (self.step,), lambda: int(self.step))
 
     def advance_step(self) -> None:
         """step += 1, on the device and in the host copy (no sync)."""
         value = self.host_step() + 1
         self.step.add_(1)
-        self.__dict__["_step_host"] = (self._key(self.step), value)
+        self._remember("step", (self.step,), value)
 
     @property
     def n_frozen(self) -> int:
-        return self._host_frozen_entry()[2]
+        return self._frozen_on_host()[1]
 
     def freeze_columns(self, count: int) -> None:
         """Freeze the first `count` columns of B in this layer's freeze order (never unfreezes)."""
-        _, current, n = self._host_frozen_entry()
+        current, n = self._frozen_on_host()
         count = max(n, min(int(count), self.r))
         order = torch.arange(self.r)
         if self.freeze_order != "largest_first":
@@ -259,7 +272,7 @@ class LamdaLinear(nn.Module):
             # Columns frozen earlier keep their pinned values; newly frozen ones pin their current ones.
             self._dB_pinned.copy_(torch.where(self.frozen[None, :], self._dB_pinned, self.dB))
             self.frozen.copy_(new)
-        self.__dict__["_frozen_host"] = (self._key(self.frozen), new, count)
+        self._remember("frozen", (self.frozen,), (new, count))
         if count == self.r:
             self.dB.requires_grad_(False)
             self.dB.grad = None

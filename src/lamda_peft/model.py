@@ -376,12 +376,11 @@ def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[
             "init='spectral'"
         )
     check_ranks(model, config, targets)  # before the calibration pass
-    if config.init == "gradient" and config.quantize:
-        # B0 = 0: the base will be Q(W) itself, so take the gradient on that model
-        with weights_as_quantized(model, targets, config):
+    if config.init == "gradient":
+        # B0 = 0: a quantized base will be Q(W) itself, so the gradient is taken on that model
+        view = weights_as_quantized(model, targets, config) if config.quantize else contextlib.nullcontext()
+        with view:
             stats = weight_gradients(model, targets, calibration)
-    elif config.init == "gradient":
-        stats = weight_gradients(model, targets, calibration)
     else:
         stats = input_covariances(model, targets, calibration)
     factors = {}

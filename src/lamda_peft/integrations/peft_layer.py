@@ -74,8 +74,10 @@ class LamdaAdapter(nn.Module):
     S = LamdaLinear.S
     n_frozen = LamdaLinear.n_frozen
     _key = staticmethod(LamdaLinear._key)
+    _derived = LamdaLinear._derived
+    _remember = LamdaLinear._remember
+    _frozen_on_host = LamdaLinear._frozen_on_host
     host_frozen = LamdaLinear.host_frozen
-    _host_frozen_entry = LamdaLinear._host_frozen_entry
     host_step = LamdaLinear.host_step
     advance_step = LamdaLinear.advance_step
     _mask_frozen_grad = LamdaLinear._mask_frozen_grad
