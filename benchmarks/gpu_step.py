@@ -264,6 +264,8 @@ def profile_step(runner: bc.Runner, ids: torch.Tensor, dev: Device, top: int = 1
     with profile(activities=activities) as prof:
         runner.step(ids)
         dev.sync()
+    with bc.DispatchCounter() as dispatched:
+        runner.step(ids)
     events = prof.key_averages()
     by_name = {e.key: e for e in events}
 
@@ -274,6 +276,7 @@ def profile_step(runner: bc.Runner, ids: torch.Tensor, dev: Device, top: int = 1
     return {
         "syncs": count("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense"),
         "kernel_launches": count("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"),
+        "dispatched_ops": dispatched.ops,  # aten ops, views excepted (bench_common.DispatchCounter)
         "self_cpu_ms_total": sum(e.self_cpu_time_total for e in events) / 1e3,
         "top_self_cpu": [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in rows],
     }
@@ -309,6 +312,7 @@ def run_timing(load, args, seq: int, dev: Device, log) -> dict:
             f"  process CPU / wall {summary['cpu_over_wall']:.2f}"
             + (
                 f"  syncs {summary['profile']['syncs']}  launches {summary['profile']['kernel_launches']}"
+                f"  ops {summary['profile']['dispatched_ops']}"
                 if args.profile
                 else ""
             )
@@ -319,6 +323,9 @@ def run_timing(load, args, seq: int, dev: Device, log) -> dict:
     for m in out.values():
         m["x_faster_than_lora"] = None if ref is None else ref["wall"]["median_s"] / m["wall"]["median_s"]
         m["time_over_floor"] = None if floor is None else m["wall"]["median_s"] / floor["wall"]["median_s"]
+        if not dev.cuda:  # on the CPU the process' CPU time is the figure a shared machine does not skew
+            m["cpu_x_faster_than_lora"] = None if ref is None else ref["cpu"]["median_s"] / m["cpu"]["median_s"]
+            m["cpu_time_over_floor"] = None if floor is None else m["cpu"]["median_s"] / floor["cpu"]["median_s"]
     return out
 
 

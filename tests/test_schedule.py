@@ -64,7 +64,13 @@ def test_frozen_columns_never_move(accumulation, autocast):
         assert not torch.equal(layer.dS, torch.zeros_like(layer.dS))  # S kept training
 
 
-def test_trainable_count_follows_schedule_and_state_is_released():
+def test_trainable_count_follows_schedule_and_state_is_released(monkeypatch):
+    import lamda_peft.schedule as schedule
+
+    releases, release = [], schedule.release_parameters
+    monkeypatch.setattr(
+        schedule, "release_parameters", lambda opt, params: releases.append(len(params)) or release(opt, params)
+    )
     model = make(r=4)
     head = sum(p.numel() for p in model.model.head.parameters())  # frozen: not counted
     assert head > 0
@@ -88,6 +94,11 @@ def test_trainable_count_follows_schedule_and_state_is_released():
     train(model, T, on_step=check)
     assert counts[-1] == 2 * 4 * 4  # exactly sum(r^2) after t_i
     assert counts[0] > counts[-1]
+    # Both B's left the optimizer once, together; later steps never scanned its groups again.
+    assert releases == [2]
+    # Every layer kept counting steps after its B froze, on the device and in the host copy.
+    for _, layer in model.lamda_layers():
+        assert int(layer.step) == layer.host_step() == T
 
 
 def test_freeze_fraction_zero_freezes_b_at_attach():

@@ -10,14 +10,15 @@ gradient into the base GEMM's result in place:
 
     forward                                             saved for backward
     h  = x A^T                  (N, r)                  h (the only activation, r wide)
-    y  = x W_res^T + b          (N, d_out)              W_res, A, B0, dB, S0, dS: the layer's own
+    S  = S0 + dS                (r, r)                  S (r x r: nothing to recompute later)
+    y  = x W_res^T + b          (N, d_out)              W_res, A, B0, dB: the layer's own
     y += s * (h S^T) B^T        (addmm_, no extra pass)   tensors, no new storage
 
     backward
-    gg = s * dy B               (N, r)
-    dS = gg^T h                 (r, r)
+    gg = dy B                   (N, r)
+    dS = s * gg^T h             (r, r)                  the scale applied to the r x r result
     dB = s * dy^T (h S^T)       (d_out, r)              only while some column of B trains
-    dx = dy W_res + (gg S) A    (N, d_in)               the adapter's part accumulated in place
+    dx = dy W_res + s (gg S) A  (N, d_in)               the adapter's part accumulated in place (alpha)
 
 The unfused path instead builds M = s * B S with autograd each forward, so backward keeps B and M
 (two new d_out x r storages per layer) besides h, and adds the adapter's output and input
@@ -43,7 +44,7 @@ class LamdaLinearFunction(torch.autograd.Function):
         B = B0 if dB is None else B0 + dB  # (d_out, r): recomputed in backward, never saved
         S = S0 + dS  # (r, r)
         y.addmm_(h @ S.t(), B.t(), alpha=scaling)  # y += s * (h S^T) B^T
-        ctx.save_for_backward(h, weight, A, B0, dB, S0, dS)
+        ctx.save_for_backward(h, weight, A, B0, dB, S)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], d_out)
@@ -51,19 +52,18 @@ class LamdaLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        h, weight, A, B0, dB, S0, dS = ctx.saved_tensors
+        h, weight, A, B0, dB, S = ctx.saved_tensors
         s = ctx.scaling
         needs_x, _, needs_bias, _, _, needs_dB, _, needs_dS, _ = ctx.needs_input_grad
         dy2 = dy.reshape(-1, weight.shape[0])  # (N, d_out)
         B = B0 if dB is None else B0 + dB  # (d_out, r)
-        S = S0 + dS  # (r, r)
-        gg = (dy2 @ B).mul_(s)  # (N, r)
-        grad_dS = gg.t() @ h if needs_dS else None  # (r, r)
+        gg = dy2 @ B  # (N, r); the scale s goes on the smaller results below
+        grad_dS = (gg.t() @ h).mul_(s) if needs_dS else None  # (r, r)
         grad_dB = (dy2.t() @ (h @ S.t())).mul_(s) if needs_dB else None  # (d_out, r)
         grad_x = None
         if needs_x:
             grad_x = dy2 @ weight  # (N, d_in)
-            grad_x.addmm_(gg @ S, A)  # += (gg S) A
+            grad_x.addmm_(gg @ S, A, alpha=s)  # += s (gg S) A
             grad_x = grad_x.view(ctx.x_shape)
         grad_bias = dy2.sum(0) if needs_bias else None
         return grad_x, None, grad_bias, None, None, grad_dB, None, grad_dS, None
@@ -85,6 +85,7 @@ def fused_lamda_linear(
     S0: torch.Tensor,  # noqa: N803
     dS: torch.Tensor,  # noqa: N803
     scaling: float,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Apply `LamdaLinearFunction` in one compute dtype, honouring autocast like `F.linear` does.
 
@@ -96,13 +97,19 @@ def fused_lamda_linear(
         weight: (d_out, d_in) frozen base weight W_res; bias: (d_out,) or None.
         A: (r, d_in); B0, dB: (d_out, r), dB None for B = B0 (a fully frozen B, pre-summed); S0, dS: (r, r).
         scaling: alpha / r.
+        dtype: `compute_dtype(x)`, when the caller has it already.
 
     Returns:
         (..., d_out) output.
     """
+    # This runs once per adapted linear per step: on a GPU at small batch the step is bound by the
+    # host's time per layer, so nothing here is computed twice and autocast is only left when on.
     device_type = x.device.type
-    dtype = compute_dtype(x)
-    operands = [x, weight, bias, A, B0, dB, S0, dS]
-    operands = [t if t is None or t.dtype == dtype else t.to(dtype) for t in operands]
+    autocast_on = torch.is_autocast_enabled(device_type)
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
+    operands = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, bias, A, B0, dB, S0, dS)]
+    if not autocast_on:
+        return LamdaLinearFunction.apply(*operands, scaling)
     with torch.autocast(device_type, enabled=False):
         return LamdaLinearFunction.apply(*operands, scaling)

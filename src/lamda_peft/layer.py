@@ -16,7 +16,7 @@ Frozen columns of dB are made immovable, not merely gradient-free: their gradien
 are restored bit for bit from a snapshot (AdamW's momentum and weight decay cannot move them).
 Once every column is frozen, dB stops requiring grad and leaves the optimizer (its state freed).
 Over a plain `nn.Linear` the forward is one fused autograd Function (fused.py) that saves only the
-r-wide `A x` for backward; other bases (HF `Conv1D`, subclasses such as quantized linears, dropout
+r-wide `A x` (and the r x r S) for backward; other bases (HF `Conv1D`, subclasses such as quantized linears, dropout
 on the adapter input, extra forward arguments) take the unfused path below, which computes the
 same function with autograd.
 
@@ -36,6 +36,22 @@ from lamda_peft.spectral import SpectralFactors, residual_weight
 def delta_weight(A: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scaling: float) -> torch.Tensor:
     """The adapter's weight update in torch layout: scaling * B @ S @ A, shape (d_out, d_in)."""
     return scaling * (B @ (S @ A))  # (d_out, r) @ ((r, r) @ (r, d_in))
+
+
+def advance_steps(layers) -> None:
+    """step += 1 in every layer (LaMDA layers or PEFT adapters), on the device and in the host copies.
+
+    One multi-tensor add per device for all of them: a 7B model has hundreds of layers, and one
+    kernel each would cost the host a launch per layer per step.
+    """
+    by_device: dict[torch.device, list] = {}
+    for layer in dict.fromkeys(layers):  # a layer listed twice still counts one step
+        by_device.setdefault(layer.step.device, []).append(layer)
+    for group in by_device.values():
+        counts = [layer.host_step() + 1 for layer in group]
+        torch._foreach_add_([layer.step for layer in group], 1)
+        for layer, count in zip(group, counts, strict=True):
+            layer._remember("step", (layer.step,), count)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -128,10 +144,12 @@ class LamdaLinear(nn.Module):
     fused: bool = True
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.fused and not (self.merged or self.disabled or args or kwargs) and self._fusable():
+        if self.fused and not (args or kwargs or self.merged or self.disabled):
             base = self.base_layer
-            A, B0, dB, S0 = self._frozen_operands(compute_dtype(x))
-            return fused_lamda_linear(x, base.weight, base.bias, A, B0, dB, S0, self.dS, self.scaling)
+            if self._fusable(base):
+                dtype = compute_dtype(x)
+                A, B0, dB, S0 = self._frozen_operands(dtype)
+                return fused_lamda_linear(x, base.weight, base.bias, A, B0, dB, S0, self.dS, self.scaling, dtype)
         result = self.base_layer(x, *args, **kwargs)  # x W_res^T (+ bias)
         if self.merged:
             return result
@@ -155,33 +173,28 @@ class LamdaLinear(nn.Module):
         (load_state_dict, `.to()`, a merge) rebuilds it. In float32 nothing is cached: the
         Function then saves the layer's own tensors and no copy exists.
         """
-        if dtype == self.A.dtype:
-            return self.A, self.B0, self.dB, self.S0
-        A = self._cast_cached("A", dtype, self.A)
-        S0 = self._cast_cached("S0", dtype, self.S0)
-        if self.dB.requires_grad:
-            self._forget("cast:B")
-            return A, self._cast_cached("B0", dtype, self.B0), self.dB, S0
-        self._forget("cast:B0")  # one d_out x r copy per layer at a time
-        return A, self._cast_cached("B", dtype, self.B0, self.dB), None, S0
+        A, B0, dB, S0 = self.A, self.B0, self.dB, self.S0
+        if dtype == A.dtype:
+            return A, B0, dB, S0
+        b_trains = dB.requires_grad
+        # One cache entry for all of them (the host cost of a lookup counts: it runs every forward).
+        sources = (A, S0, B0, dB) if not b_trains else (A, S0, B0)
 
-    def _cast_cached(self, name: str, dtype: torch.dtype, *sources: torch.Tensor) -> torch.Tensor:
-        """sum(sources) in `dtype`, recomputed only when a source changed (see `_frozen_operands`)."""
-
-        def cast() -> torch.Tensor:
+        def cast() -> tuple:
             with torch.no_grad():
-                total = sources[0] if len(sources) == 1 else sum(sources[1:], sources[0])
-                return total.to(dtype)
+                return A.to(dtype), S0.to(dtype), (B0 if b_trains else B0 + dB).to(dtype)
 
         # Under inference mode the cast is an inference tensor, which a later backward could not save.
-        return self._derived(f"cast:{name}", sources, cast, tag=dtype, keep=not torch.is_inference_mode_enabled())
+        A_c, S0_c, B_c = self._derived(
+            "cast", sources, cast, tag=(dtype, b_trains), keep=not torch.is_inference_mode_enabled()
+        )
+        return A_c, B_c, (dB if b_trains else None), S0_c
 
-    def _fusable(self) -> bool:
+    def _fusable(self, base: nn.Module) -> bool:
         # Exactly nn.Linear (a subclass may quantize its weight), a frozen base (the Function
         # returns no weight gradient; a recursive model's shared weights do train), no hooks on it
         # that calling its weight directly would skip (accelerate's offload, user hooks) and no
         # adapter dropout.
-        base = self.base_layer
         return (
             type(base) is nn.Linear
             and not base.weight.requires_grad
@@ -212,11 +225,12 @@ class LamdaLinear(nn.Module):
 
     def _derived(self, slot: str, sources: tuple, compute, tag=None, keep: bool = True):
         """compute(), cached in `slot` while `tag` and every source's version and storage are unchanged."""
-        versions = tuple(self._key(t) for t in sources)
-        key = (tag, *versions)
-        table = self.__dict__.setdefault("_derived_cache", {})
+        key = (tag, *map(self._key, sources))
+        table = self.__dict__.get("_derived_cache")
+        if table is None:
+            table = self.__dict__["_derived_cache"] = {}
         hit = table.get(slot)
-        if hit is not None and hit[0] == key and None not in versions:
+        if hit is not None and hit[0] == key and None not in key[1:]:
             return hit[1]
         value = compute()
         if keep:
@@ -226,9 +240,6 @@ class LamdaLinear(nn.Module):
     def _remember(self, slot: str, sources: tuple, value) -> None:
         """After the layer's own write to `sources`: `value` is what `slot` holds for them now."""
         self.__dict__.setdefault("_derived_cache", {})[slot] = ((None, *(self._key(t) for t in sources)), value)
-
-    def _forget(self, slot: str) -> None:
-        self.__dict__.setdefault("_derived_cache", {}).pop(slot, None)
 
     def _frozen_on_host(self) -> tuple[torch.Tensor, int]:
         """(`frozen` as a CPU bool tensor (r,), its count), read from the device only when it changed."""
@@ -248,10 +259,8 @@ class LamdaLinear(nn.Module):
         return self._derived("step", (self.step,), lambda: int(self.step))
 
     def advance_step(self) -> None:
-        """step += 1, on the device and in the host copy (no sync)."""
-        value = self.host_step() + 1
-        self.step.add_(1)
-        self._remember("step", (self.step,), value)
+        """step += 1, on the device and in the host copy (no sync). See also `advance_steps`."""
+        advance_steps([self])
 
     @property
     def n_frozen(self) -> int:
@@ -260,14 +269,14 @@ class LamdaLinear(nn.Module):
     def freeze_columns(self, count: int) -> None:
         """Freeze the first `count` columns of B in this layer's freeze order (never unfreezes)."""
         current, n = self._frozen_on_host()
-        count = max(n, min(int(count), self.r))
+        if min(int(count), self.r) <= n:
+            return  # nothing new is due (most steps): the schedule asks every layer after every step
         order = torch.arange(self.r)
         if self.freeze_order != "largest_first":
             order = order.flip(0)
-        new = torch.zeros_like(current)
+        new = current.clone()  # columns frozen already stay frozen, whatever their position
         new[order[:count]] = True
-        if torch.equal(new, current):
-            return
+        count = int(new.sum())
         with torch.no_grad():
             # Columns frozen earlier keep their pinned values; newly frozen ones pin their current ones.
             self._dB_pinned.copy_(torch.where(self.frozen[None, :], self._dB_pinned, self.dB))
@@ -278,8 +287,11 @@ class LamdaLinear(nn.Module):
             self.dB.grad = None
 
     def restore_frozen(self) -> None:
-        """Undo whatever an optimizer step did to frozen columns (bitwise)."""
-        if self.n_frozen:
+        """Undo whatever an optimizer step did to frozen columns (bitwise).
+
+        Nothing to undo once all of B is frozen: dB then has no gradient and left the optimizer.
+        """
+        if self.n_frozen and self.dB.requires_grad:
             with torch.no_grad():
                 self.dB.copy_(torch.where(self.frozen[None, :], self._dB_pinned, self.dB))
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
-from lamda_peft.layer import LamdaLinear
+from lamda_peft.layer import LamdaLinear, advance_steps
 
 
 def freeze_steps(total_steps: int, freeze_fraction: float) -> int:
@@ -67,16 +67,22 @@ class FreezeSchedule:
         return self.layers[0].host_step() if self.layers else 0
 
     def after_step(self) -> None:
-        """Run after every optimizer step: pin frozen columns, count the step, freeze what is due."""
-        for layer in self.layers:
-            layer.restore_frozen()
-            layer.advance_step()
-        self.apply()
+        """Run after every optimizer step: pin frozen columns, count the step, freeze what is due.
 
-    def apply(self) -> None:
-        """Freeze each layer's due components; drop fully frozen B from the optimizer (state freed)."""
+        A layer whose B is entirely frozen (and out of the optimizer) only counts the step: it has
+        nothing left to pin or freeze, and this runs on the host once per step for every layer.
+        """
+        training = [layer for layer in self.layers if layer.dB.requires_grad]
+        for layer in training:
+            layer.restore_frozen()
+        advance_steps(self.layers)
+        self.apply(training)
+
+    def apply(self, layers: list | None = None) -> None:
+        """Freeze each layer's due components (all layers by default); drop fully frozen B from the
+        optimizer (state freed)."""
         released = []
-        for layer in self.layers:
+        for layer in self.layers if layers is None else layers:
             layer.freeze_columns(frozen_count(layer.host_step(), layer.r, self.t_i))
             if not layer.dB.requires_grad:
                 released.append(layer.dB)
