@@ -426,6 +426,46 @@ def gpu_step_section(data: dict, title: str) -> list[str]:
     return out
 
 
+def host_step_section(data: dict) -> list[str]:
+    """gpu_step.py run on the CPU with a tiny model: the host's work per step (dispatched ops, CPU time)."""
+    m = data["machine"]
+    timing = data["timing"]
+    out = [f"## Host work per training step ({data['base_dtype']} base, CPU)", ""]
+    out.append(
+        f"{data['model']}, {data['base_dtype']} base weights, float32 adapters, {data['targets']} r={data['r']}, "
+        f"batch {data['batch']}; shapes so small that arithmetic is negligible and what remains is the host's "
+        "work per kernel, which bounds a GPU step at small batch. Ops: aten ops dispatched in one step "
+        "(forward, backward, AdamW), views excepted: each is a kernel launch on a GPU (exact, independent of "
+        f"load). CPU time: median process CPU time of {timing['rounds']} interleaved rounds (bf16 matmuls are "
+        "slow on a CPU, so a bf16 CPU time is no GPU proxy; its op count is). "
+        f"torch {m['torch']}, peft {m['peft']}. Command: `{data['command']}`."
+    )
+    out.append("")
+    rows = []
+    for seq, by_method in timing["by_seq"].items():
+        lora_ops = (by_method.get("lora", {}).get("profile") or {}).get("dispatched_ops")
+        for name, t in by_method.items():
+            ops = (t.get("profile") or {}).get("dispatched_ops")
+            over = t.get("cpu_time_over_floor")
+            rows.append(
+                [
+                    seq,
+                    GPU_LABELS.get(name, name),
+                    _f(ops, "{:,}"),
+                    _f(None if ops is None or not lora_ops else ops / lora_ops, "{:.2f}"),
+                    f"{t['cpu']['median_s'] * 1e3:.1f}",
+                    _f(t.get("cpu_x_faster_than_lora"), "{:.2f}x"),
+                    _f(None if over is None else over - 1, "{:+.0%}"),
+                ]
+            )
+    out += _table(
+        ["seq", "method", "ops per step", "ops / LoRA's", "CPU ms/step", "x faster than LoRA", "over the floor"],
+        rows,
+    )
+    out.append("")
+    return out
+
+
 def plot_quality(data: dict, path: Path) -> None:
     """The preset's metric (mean, std over seeds) against trainable parameters at the end, log x axis."""
     import matplotlib
@@ -774,6 +814,8 @@ def main(argv=None) -> int:
         ("lean_memory", lean_memory_section),
         ("gpu/step_h100", lambda d: gpu_step_section(d, "GPU: peak memory and speed per step (Llama-7B shape)")),
         ("gpu/step_h100_qv", lambda d: gpu_step_section(d, "GPU: the same with targets q,v")),
+        ("host/step_tiny8_cpu_fp32", host_step_section),
+        ("host/step_tiny8_cpu_bf16", host_step_section),
         ("quality_minilm", minilm_quality),
         ("quality_minilm_alternatives", alternatives),
         ("quality_smollm2", smollm2_quality),
@@ -787,7 +829,9 @@ def main(argv=None) -> int:
                 png = "quality_vs_params.png" if stem == "quality_minilm" else f"{stem}_vs_params.png"
                 plot_quality(payload, args.results_dir / png)
                 lines += [f"Plot: `results/{png}`.", ""]
-        elif stem not in ("step_time_focus", "quality_minilm_alternatives", "quality_smollm2") and "gpu" not in stem:
+        elif stem not in ("step_time_focus", "quality_minilm_alternatives", "quality_smollm2") and not stem.startswith(
+            ("gpu/", "host/")
+        ):
             lines += [f"_{path.name}: not found; run the benchmark first._", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines).rstrip() + "\n")
