@@ -170,6 +170,27 @@ def tiny_llama_config():
     )
 
 
+def random_llama_loader(cfg, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A function building a fresh seeded (seed 0) random-weight Llama of `cfg` directly on `device`
+    in `dtype`, in train mode; it carries `vocab_size`. On the CPU in float32 every call gives the
+    same weights."""
+    from transformers import LlamaForCausalLM
+
+    def load() -> nn.Module:
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in dtype: a 7B model never exists in float32
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(previous)
+        return model.train()
+
+    load.vocab_size = cfg.vocab_size
+    return load
+
+
 def base_loader(model: str) -> Callable[[], nn.Module]:
     """A function returning a fresh fp32 copy of the base model, in train mode (dropout is 0 anyway).
 
@@ -177,7 +198,7 @@ def base_loader(model: str) -> Callable[[], nn.Module]:
 
     "smollm2": the bundled SmolLM2-135M weights; "tiny": a 2-layer random Llama (seeded).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if model == "smollm2":
         from lamda_peft.assets import smollm2_path
@@ -190,14 +211,7 @@ def base_loader(model: str) -> Callable[[], nn.Module]:
         load.vocab_size = AutoConfig.from_pretrained(folder).vocab_size
         return load
     if model == "tiny":
-        cfg = tiny_llama_config()
-
-        def load() -> nn.Module:
-            torch.manual_seed(0)
-            return LlamaForCausalLM(cfg).to(torch.float32).train()
-
-        load.vocab_size = cfg.vocab_size
-        return load
+        return random_llama_loader(tiny_llama_config())
     raise ValueError(f"unknown model {model!r}")
 
 

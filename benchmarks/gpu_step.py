@@ -75,23 +75,7 @@ def model_config(name: str, layers: int | None):
     return cfg
 
 
-def loader(cfg, device: torch.device, dtype: torch.dtype):
-    """A function building a fresh seeded random-weight Llama directly on `device` in `dtype`."""
-    from transformers import LlamaForCausalLM
-
-    def load():
-        torch.manual_seed(0)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # built in dtype: a 7B model never exists in float32
-        try:
-            with torch.device(device):
-                model = LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(previous)
-        return model.train()
-
-    load.vocab_size = cfg.vocab_size
-    return load
+loader = bc.random_llama_loader
 
 
 def build(method: str, load, targets, r: int) -> bc.Runner:

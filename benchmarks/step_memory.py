@@ -54,19 +54,13 @@ def warmup_steps(method: str) -> int:
 
 def smollm2_shaped_loader(layers: int):
     """SmolLM2-135M's config with `layers` decoder layers and random (seeded) weights."""
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import AutoConfig
 
     from lamda_peft.assets import smollm2_path
 
     cfg = AutoConfig.from_pretrained(smollm2_path())
     cfg.num_hidden_layers = layers
-
-    def load():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(cfg).to(torch.float32).train()
-
-    load.vocab_size = cfg.vocab_size
-    return load
+    return bc.random_llama_loader(cfg)
 
 
 def ratios(methods: dict, reference: str) -> dict:
