@@ -175,6 +175,29 @@ VARIANTS = {
         {"method": "lamda", "r": 24, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
         [5e-4],
     ),
+    # rank 32 (SmolLM2): S has 1,024 entries per layer, still 11x fewer trainable than LoRA r=8 at the end
+    "lamda-r32-combo": (
+        {"method": "lamda", "r": 32, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        [5e-4],
+    ),
+    # B trained over the whole run (its last component freezes at the last step): the same S-only
+    # trainable count at the end, more parameter updates
+    "lamda-r16-ff1-combo": (
+        {"method": "lamda", "r": 16, "freeze_fraction": 1.0, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        [5e-4],
+    ),
+    # ... and its smallest components freeze first (the largest, which move W most per step, train longest)
+    "lamda-r16-smallest-ff1-combo": (
+        {
+            "method": "lamda",
+            "r": 16,
+            "freeze_order": "smallest_first",
+            "freeze_fraction": 1.0,
+            "s_lr_scale": 3.0,
+            "warmup_ratio": 0.1,
+        },
+        [3e-4],
+    ),
     "lamda-r16-warm0.1": ({"method": "lamda", "r": 16, "warmup_ratio": 0.1}, [1e-3]),
     "lamda-r16-smallest-ff0.6": (
         {"method": "lamda", "r": 16, "freeze_order": "smallest_first", "freeze_fraction": 0.6},
