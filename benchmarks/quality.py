@@ -198,6 +198,12 @@ VARIANTS = {
         },
         [3e-4],
     ),
+    # init="zero" (A = Vh, B from 0: every column of B moves W by the same amount per step, as
+    # LoRA's B does) with B trained over the whole run
+    "lamda-r16-zero-ff1-combo": (
+        {"method": "lamda", "r": 16, "init": "zero", "freeze_fraction": 1.0, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        [1e-3, 2e-3],
+    ),
     "lamda-r16-warm0.1": ({"method": "lamda", "r": 16, "warmup_ratio": 0.1}, [1e-3]),
     "lamda-r16-smallest-ff0.6": (
         {"method": "lamda", "r": 16, "freeze_order": "smallest_first", "freeze_fraction": 0.6},

@@ -254,3 +254,28 @@ def test_gpu_step_runs_on_whatever_device_there_is(results):
     # Scalar reads per step (test_schedule checks that the schedule reads no device tensor): LaMDA's
     # come from AdamW's step counters alone, fewer than LoRA's (fewer trainable tensors).
     assert timing["lamda_after"]["profile"]["syncs"] <= timing["lora"]["profile"]["syncs"]
+
+
+def test_update_subspace_quick_splits_lora_update_by_w_spectrum(tmp_path):
+    """The diagnosis behind the SmolLM2 quality row: LoRA trains through the CLI path, its saved update
+    is split by W's singular vectors, and every share is a fraction with a chance level beside it."""
+    out = tmp_path / "subspace.json"
+    run("update_subspace.py", "--quick", "--output", str(out), timeout=1200)
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and data["command"].startswith("python benchmarks/update_subspace.py --quick")
+    assert len(data["per_module"]) == 30 * 7  # all-linear on SmolLM2's 30 layers
+    for row in data["per_module"].values():
+        for key, value in row.items():
+            if key.startswith(("input_", "output_")):
+                assert 0.0 <= value <= 1.0 + 1e-9
+        assert row["lora_A_row_norm2"] > 0
+    assert set(data["summary_median"]) == {
+        "all",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
