@@ -34,6 +34,8 @@ from lamda_peft.training import run_training
 VARIANTS = {
     "lora-r8": ({"method": "lora", "r": 8}, [1e-3, 3e-3]),
     "pissa-r8": ({"method": "pissa", "r": 8}, [1e-3, 3e-3]),
+    # LoRA with lora_A frozen at its random init (PEFT's LoRA-FA optimizer): is A's training what LaMDA lacks?
+    "lorafa-r8": ({"method": "lorafa", "r": 8}, [1e-3, 2e-3]),
     "vera-r256": ({"method": "vera", "r": 256}, [3e-3, 1e-2]),
     "full": ({"method": "full"}, [5e-5, 1e-4]),
     "lamda-r16": ({"method": "lamda", "r": 16}, [1e-3, 3e-3]),

@@ -218,3 +218,41 @@ def test_commands_on_an_unfinished_run_say_how_to_continue_it(tmp_path, capsys):
     assert not (tmp_path / "merged").exists() and not (tmp_path / "lora").exists()
     assert run_cli("evaluate", tmp_path / "nothing") == 2
     assert "is neither a run folder with adapter/ nor an adapter folder" in capsys.readouterr().err
+
+
+def test_lorafa_baseline_trains_lora_b_only_through_peft(tmp_path):
+    """--method lorafa: PEFT LoRA trained by PEFT's LoRA-FA optimizer. Two rates from the same seed
+    leave every lora_A bitwise at its (seeded) init while lora_B moves differently; the trainable count
+    leaves A out; the adapter is a plain PEFT LoRA folder."""
+    small = [
+        *FAST,
+        "--max-steps",
+        "2",
+        "--max-train-rows",
+        "32",
+        "--max-eval-rows",
+        "16",
+        "--method",
+        "lorafa",
+        "--r",
+        "4",
+    ]
+    states, metrics = [], []
+    for lr in ("1e-3", "1e-2"):
+        out = tmp_path / lr
+        assert run_cli("train", "--output-dir", out, "--lr", lr, *small) == 0
+        states.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+        metrics.append(json.loads((out / "metrics.json").read_text()))
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    a_keys = [k for k in states[0] if ".lora_A." in k]
+    b_keys = [k for k in states[0] if ".lora_B." in k]
+    assert a_keys and len(a_keys) == len(b_keys)
+    for k in a_keys:
+        assert torch.equal(states[0][k], states[1][k]), k
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in b_keys)
+    assert all(states[0][k].abs().sum() > 0 for k in b_keys)  # B moved off its zero init
+    a_params = sum(states[0][k].numel() for k in a_keys)
+    b_params = sum(states[0][k].numel() for k in b_keys)
+    trainable = metrics[0]["trainable_params_start"]
+    assert trainable == metrics[0]["trainable_params_end"]
+    assert b_params <= trainable < b_params + a_params  # B and the head train, A does not

@@ -11,7 +11,7 @@ from lamda_peft.quantization import MissingQuantExtraError, QuantizationError, q
 from lamda_peft.settings import TrainSettings
 from lamda_peft.targets import default_targets, find_targets
 
-PEFT_METHODS = ("lora", "pissa", "vera")  # baselines through the real peft
+PEFT_METHODS = ("lora", "pissa", "lorafa", "vera")  # baselines through the real peft
 
 
 def wrap_model(model, s: TrainSettings, head: str | list[str] | None, model_path: str, calibration=None):

@@ -72,8 +72,9 @@ class TrainSettings:
     method: str = _f(
         "lamda",
         "adapter: LaMDA, LaMDA++ (spectral rank allocation), or a baseline through real PEFT (LoRA, "
-        "PiSSA-initialised LoRA, VeRA) or full fine-tuning",
-        choices=["lamda", "lamda++", "lora", "pissa", "vera", "full"],
+        "PiSSA-initialised LoRA, LoRA-FA: LoRA with lora_A frozen, trained by PEFT's LoRA-FA optimizer, VeRA) "
+        "or full fine-tuning",
+        choices=["lamda", "lamda++", "lora", "pissa", "lorafa", "vera", "full"],
     )
     r: int = _f(16, "adapter rank (LaMDA: the r x r core; LaMDA++: the base rank)")
     alpha: float | None = _f(None, "scaling numerator (scaling = alpha / r); default r")

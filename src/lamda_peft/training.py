@@ -311,6 +311,13 @@ def run_training(s: TrainSettings) -> dict:
     optimizers = (None, None)
     if is_lamda:
         optimizers = (torch.optim.AdamW(model.lamda_param_groups(s.lr, s.weight_decay, head_lr=s.head_lr)), None)
+    elif s.method == "lorafa":  # PEFT's own: freezes every lora_A, projects lora_B's gradient (one group)
+        from peft.optimizers import create_lorafa_optimizer
+
+        optimizers = (
+            create_lorafa_optimizer(model, r=s.r, lora_alpha=s.alpha or s.r, lr=s.lr, weight_decay=s.weight_decay),
+            None,
+        )
     if is_lamda:
         trainer_cls = LamdaTrainer
     elif is_recursive:

@@ -48,7 +48,7 @@ def load_run(path: str, model: str | None = None):
     if not resolved.is_file():
         raise CLIError(f"{run_dir} has no resolved_config.json: cannot tell which base model and task it used")
     s = TrainSettings(**json.loads(resolved.read_text()))
-    if s.method == "lora":
+    if s.method in ("lora", "lorafa"):
         raise CLIError(f"{path} is a PEFT LoRA run: use peft's merge_and_unload directly")
     model_path = resolve_model_path(model or s.model)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_path)
