@@ -35,7 +35,7 @@ VARIANTS = {
     "lora-r8": ({"method": "lora", "r": 8}, [1e-3, 3e-3]),
     "pissa-r8": ({"method": "pissa", "r": 8}, [1e-3, 3e-3]),
     # LoRA with lora_A frozen at its random init (PEFT's LoRA-FA optimizer): is A's training what LaMDA lacks?
-    "lorafa-r8": ({"method": "lorafa", "r": 8}, [1e-3, 2e-3]),
+    "lorafa-r8": ({"method": "lorafa", "r": 8}, [1e-3, 2e-3, 4e-3]),
     "vera-r256": ({"method": "vera", "r": 256}, [3e-3, 1e-2]),
     "full": ({"method": "full"}, [5e-5, 1e-4]),
     "lamda-r16": ({"method": "lamda", "r": 16}, [1e-3, 3e-3]),
@@ -181,6 +181,28 @@ VARIANTS = {
     "lamda-r32-combo": (
         {"method": "lamda", "r": 32, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
         [5e-4],
+    ),
+    # rank 32, B trained over the whole run: more frozen input directions for B to use (a frozen A needs
+    # a larger rank, as LoRA-FA does); S-only at the end: 215,040 trainable, 11x fewer than LoRA r=8
+    "lamda-r32-ff1-combo": (
+        {"method": "lamda", "r": 32, "freeze_fraction": 1.0, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        [2e-4, 3e-4],
+    ),
+    # LaMDA++ with B trained over the whole run, both freeze orders (the causal-lm defaults)
+    "lamda++-r16-ff1-combo": (
+        {"method": "lamda++", "r": 16, "freeze_fraction": 1.0, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        [3e-4],
+    ),
+    "lamda++-r16-smallest-ff1-combo": (
+        {
+            "method": "lamda++",
+            "r": 16,
+            "freeze_order": "smallest_first",
+            "freeze_fraction": 1.0,
+            "s_lr_scale": 3.0,
+            "warmup_ratio": 0.1,
+        },
+        [3e-4],
     ),
     # B trained over the whole run (its last component freezes at the last step): the same S-only
     # trainable count at the end, more parameter updates

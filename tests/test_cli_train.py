@@ -201,7 +201,11 @@ def test_method_dependent_defaults_resolve_and_explicit_values_win():
     assert spectral.lr == 5e-4  # the spectral init's rate
     assert (quantized.init, quantized.lr) == ("gradient", 2e-3)  # NF4: gradient measured better too
     assert (loftq.init, loftq.lr) == ("spectral", 5e-4)  # LoftQ refits A: the gradient's A would be lost
-    assert (causal_lm.init, causal_lm.lr) == ("spectral", 5e-4)  # code text: spectral measured better
+    # code text: spectral, 3e-4 and B trained over the whole run measured better (quality_smollm2.json)
+    assert (causal_lm.init, causal_lm.lr, causal_lm.freeze_fraction) == ("spectral", 3e-4, 1.0)
+    explicit = TrainSettings(task="causal-lm", freeze_fraction=0.3, lr=5e-4)
+    explicit.validate()
+    assert (explicit.freeze_fraction, explicit.lr) == (0.3, 5e-4)
     assert (lamda_pp.init, lamda_pp.lr) == ("spectral", 5e-4)  # LaMDA++ was measured with the spectral init
     assert (lora.init, lora.lr, lora.warmup_ratio) == ("spectral", 1e-3, 0.0)
     given = TrainSettings(method="lamda++", lr=3e-3, warmup_ratio=0.0)
