@@ -17,7 +17,7 @@ MIB = 2**20
 # quality.py's variants with the settings of a default `lamda-peft train` LaMDA run (settings.py): the
 # gradient init for classification, the spectral init for causal-lm
 CLI_DEFAULT_VARIANT = "lamda-r16-grad-cal1k-combo"
-CLI_DEFAULT_VARIANT_CAUSAL_LM = "lamda-r16-combo"
+CLI_DEFAULT_VARIANT_CAUSAL_LM = "lamda-r16-ff1-combo"
 LABELS = {
     "floor": "no adapter (floor)",
     "full": "full fine-tuning",
