@@ -260,3 +260,34 @@ def test_lorafa_baseline_trains_lora_b_only_through_peft(tmp_path):
     trainable = metrics[0]["trainable_params_start"]
     assert trainable == metrics[0]["trainable_params_end"]
     assert b_params <= trainable < b_params + a_params  # B and the head train, A does not
+
+
+def test_lorafa_resume_is_bitwise(tmp_path):
+    """PEFT's LoRA-FA optimizer keeps its state by parameter name: the Trainer's checkpoint still
+    restores it, so a run resumed at step 2 of 4 ends bitwise where the uninterrupted run ends."""
+    import shutil
+
+    small = [*FAST, "--max-train-rows", "32", "--max-eval-rows", "16", "--method", "lorafa", "--r", "4"]
+    small += ["--max-steps", "4", "--save-steps", "2"]
+    whole = tmp_path / "whole"
+    assert run_cli("train", "--output-dir", whole, *small) == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    assert run_cli("train", "--output-dir", resumed, *small, "--resume", "latest") == 0
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the resumed run did read the checkpoint (a from-scratch run would also match): one whose
+    # lora_B was halved ends elsewhere
+    from safetensors.torch import save_file
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(whole / "checkpoints" / "checkpoint-2", tampered / "checkpoints" / "checkpoint-2")
+    ckpt_file = tampered / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"
+    ckpt = load_file(str(ckpt_file))
+    save_file({k: v / 2 if ".lora_B." in k else v for k, v in ckpt.items()}, str(ckpt_file))
+    assert run_cli("train", "--output-dir", tampered, *small, "--resume", "latest") == 0
+    c = load_file(str(tampered / "adapter" / "adapter_model.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)
