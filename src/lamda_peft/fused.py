@@ -16,7 +16,7 @@ gradient into the base GEMM's result in place:
 
     backward
     gg = dy B                   (N, r)
-    dS = s * gg^T h             (r, r)                  the scale applied to the r x r result
+    dS = s * gg^T h             (r, r)                  s applied inside the GEMM (addmm alpha)
     dB = s * dy^T (h S^T)       (d_out, r)              only while some column of B trains
     dx = dy W_res + s (gg S) A  (N, d_in)               the adapter's part accumulated in place (alpha)
 
@@ -58,8 +58,9 @@ class LamdaLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, weight.shape[0])  # (N, d_out)
         B = B0 if dB is None else B0 + dB  # (d_out, r)
         gg = dy2 @ B  # (N, r); the scale s goes on the smaller results below
-        grad_dS = (gg.t() @ h).mul_(s) if needs_dS else None  # (r, r)
-        grad_dB = (dy2.t() @ (h @ S.t())).mul_(s) if needs_dB else None  # (d_out, r)
+        # s applied inside the GEMM (addmm's alpha; beta=0 ignores its first operand): one kernel, not two
+        grad_dS = torch.addmm(S, gg.t(), h, beta=0, alpha=s) if needs_dS else None  # (r, r)
+        grad_dB = torch.addmm(B, dy2.t(), h @ S.t(), beta=0, alpha=s) if needs_dB else None  # (d_out, r)
         grad_x = None
         if needs_x:
             grad_x = dy2 @ weight  # (N, d_in)
