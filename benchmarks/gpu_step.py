@@ -250,6 +250,13 @@ def profile_step(runner: bc.Runner, ids: torch.Tensor, dev: Device, top: int = 1
         dev.sync()
     with bc.DispatchCounter() as dispatched:
         runner.step(ids)
+    # forward + backward alone: on a GPU AdamW runs foreach (a few kernels for all parameters), while
+    # on the CPU it dispatches several ops per parameter; this count is the fair launch proxy
+    with bc.DispatchCounter() as forward_backward:
+        runner.loss(ids).backward()
+    if runner.optimizer is not None:
+        runner.optimizer.step()
+        runner.optimizer.zero_grad(set_to_none=True)
     events = prof.key_averages()
     by_name = {e.key: e for e in events}
 
@@ -261,6 +268,7 @@ def profile_step(runner: bc.Runner, ids: torch.Tensor, dev: Device, top: int = 1
         "syncs": count("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense"),
         "kernel_launches": count("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"),
         "dispatched_ops": dispatched.ops,  # aten ops, views excepted (bench_common.DispatchCounter)
+        "dispatched_ops_fwd_bwd": forward_backward.ops,  # the same, forward and backward only
         "self_cpu_ms_total": sum(e.self_cpu_time_total for e in events) / 1e3,
         "top_self_cpu": [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in rows],
     }
