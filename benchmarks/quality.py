@@ -35,7 +35,7 @@ VARIANTS = {
     "lora-r8": ({"method": "lora", "r": 8}, [1e-3, 3e-3]),
     "pissa-r8": ({"method": "pissa", "r": 8}, [1e-3, 3e-3]),
     # LoRA with lora_A frozen at its random init (PEFT's LoRA-FA optimizer): is A's training what LaMDA lacks?
-    "lorafa-r8": ({"method": "lorafa", "r": 8}, [1e-3, 2e-3, 4e-3]),
+    "lorafa-r8": ({"method": "lorafa", "r": 8}, [2e-3, 4e-3, 8e-3]),
     "vera-r256": ({"method": "vera", "r": 256}, [3e-3, 1e-2]),
     "full": ({"method": "full"}, [5e-5, 1e-4]),
     "lamda-r16": ({"method": "lamda", "r": 16}, [1e-3, 3e-3]),
@@ -290,7 +290,7 @@ PRESETS = {
         "lrs": {
             "lora-r8": [3e-4, 1e-3, 2e-3, 3e-3],
             "pissa-r8": [3e-4],
-            "lorafa-r8": [1e-3, 2e-3, 4e-3],
+            "lorafa-r8": [2e-3, 4e-3, 8e-3],
             "vera-r256": [3e-3, 1e-2],
             "full": [2e-5],
             "lamda-r16-ff1-combo": [3e-4, 5e-4],
