@@ -183,15 +183,15 @@ def test_quality_smollm2_preset_ranks_by_heldout_loss(tmp_path):
     with the lowest held-out loss (a copy of a row at a worse loss checks the direction); the report
     renders its table, plot and README row."""
     out = tmp_path / "quality_smollm2.json"
-    variants = "lora-r8,lamda-r16-combo"  # two SmolLM2 runs: 2-3 min on idle cores, far more on busy ones
+    variants = "lora-r8,lamda-r16-ff1-combo"  # two SmolLM2 runs: 2-3 min on idle cores, far more on busy ones
     run("quality.py", "--preset", "smollm2", "--quick", "--variants", variants, "--output", str(out), timeout=2400)
     data = json.loads(out.read_text())
     assert data["metric"] == "eval_loss" and data["higher_is_better"] is False
     rows = {row["variant"]: row for row in data["runs"]}
-    assert sorted(rows) == ["lamda-r16-combo", "lora-r8"]
+    assert sorted(rows) == ["lamda-r16-ff1-combo", "lora-r8"]  # ff1: the CLI's causal-lm default
     for row in rows.values():
         assert row["train_steps"] == 4 and 0 < row["eval_loss"] < 20 and "accuracy" not in row
-    row = rows["lamda-r16-combo"]
+    row = rows["lamda-r16-ff1-combo"]
     assert row["eval_loss"] < row["eval_loss_before"]  # 4 steps on code text already help SmolLM2
     sys.path.insert(0, str(BENCH))
     try:
@@ -262,7 +262,7 @@ def test_update_subspace_quick_splits_lora_update_by_w_spectrum(tmp_path):
     out = tmp_path / "subspace.json"
     run("update_subspace.py", "--quick", "--output", str(out), timeout=1200)
     data = json.loads(out.read_text())
-    assert data["quick"] is True and data["command"].startswith("python benchmarks/update_subspace.py --quick")
+    assert data["quick"] is True and "update_subspace.py --quick" in data["command"]
     assert len(data["per_module"]) == 30 * 7  # all-linear on SmolLM2's 30 layers
     for row in data["per_module"].values():
         for key, value in row.items():

