@@ -172,6 +172,38 @@ VARIANTS = {
         },
         [2e-3],
     ),
+    # --head-init probe: the head fitted on the frozen model's features first (linear probe, then
+    # fine-tune), so that the gradient that sets A comes through a trained head, not a random one
+    "qlamda-nf4-r16-grad-cal1k-probe-combo": (
+        {
+            "method": "lamda",
+            "r": 16,
+            "init": "gradient",
+            "calibration_rows": 1024,
+            "head_init": "probe",
+            "quantize": "nf4",
+            "freeze_fraction": 0.6,
+            "s_lr_scale": 3.0,
+            "warmup_ratio": 0.1,
+        },
+        [2e-3],
+    ),
+    "lamda-r16-grad-cal1k-probe-combo": (
+        {
+            "method": "lamda",
+            "r": 16,
+            "init": "gradient",
+            "calibration_rows": 1024,
+            "head_init": "probe",
+            "freeze_fraction": 0.6,
+            "s_lr_scale": 3.0,
+            "warmup_ratio": 0.1,
+        },
+        [2e-3],
+    ),
+    # the same probed head for the baselines: does the probe help LaMDA's A, or any fine-tuning?
+    "qlora-nf4-r8-probe": ({"method": "lora", "r": 8, "quantize": "nf4", "head_init": "probe"}, [3e-3]),
+    "lora-r8-probe": ({"method": "lora", "r": 8, "head_init": "probe"}, [3e-3]),
     # rank 24: S has 576 entries per layer, 15x fewer trainable parameters than LoRA r=8 at the end
     "lamda-r24-combo": (
         {"method": "lamda", "r": 24, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},

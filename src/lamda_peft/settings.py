@@ -117,6 +117,12 @@ class TrainSettings:
     calibration_rows: int = _f(
         1024, "init activation/gradient: training rows whose layer inputs or loss gradient set A"
     )
+    head_init: str = _f(
+        "random",
+        "classification/regression: the new head's start (random: its own init; probe: fitted first on the "
+        "frozen model's features of --calibration-rows training rows, L2 penalty by 5-fold cross-validation)",
+        choices=["random", "probe"],
+    )
     s_lr_scale: float = _f(3.0, "LaMDA: learning-rate multiplier for the core S (S trains at 3x the rate of B)")
     dropout: float = _f(0.0, "dropout on the adapter input (0 keeps LaMDA's activation saving)")
     freeze_shared: bool = _f(False, "recursive model folders: keep the shared layer weights frozen while uptraining")
@@ -196,6 +202,10 @@ class TrainSettings:
             (self.max_target_length >= 1, "max_target_length must be >= 1"),
             (self.loftq_iters >= 0, "loftq_iters must be >= 0"),
             (self.calibration_rows >= 1, "calibration_rows must be >= 1"),
+            (
+                self.head_init == "random" or self.task in ("classification", "regression"),
+                f"--head-init probe applies to --task classification or regression, not {self.task}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

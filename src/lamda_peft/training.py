@@ -29,7 +29,7 @@ from lamda_peft.lean import DEFAULT_CHUNK_TOKENS
 from lamda_peft.methods import count_trainable, wrap_model
 from lamda_peft.model import CALIBRATED_INITS
 from lamda_peft.settings import TrainSettings
-from lamda_peft.tasks import causal_lm, classification, data, generation, seq2seq
+from lamda_peft.tasks import causal_lm, classification, data, generation, head_probe, seq2seq
 from lamda_peft.tasks.metrics import HIGHER_IS_BETTER, regression_metrics, resolve_metric, trainer_compute_metrics
 
 RUN_ARTIFACTS = (
@@ -181,6 +181,21 @@ def _calibration_batches(train_rows: list[dict], collator, s: TrainSettings) -> 
     return [collator(rows[i : i + s.batch_size]) for i in range(0, len(rows), s.batch_size)]
 
 
+def _probe_head(model, head, train_rows: list[dict], collator, s: TrainSettings) -> dict | None:
+    """--head-init probe: fit the new head on the frozen model's features before any adapter exists."""
+    if s.head_init != "probe":
+        return None
+    if head is None:  # TrainSettings.validate allows the probe only on tasks with a new head
+        raise CLIError(f"--head-init probe: --task {s.task} builds no new head")
+    rows = train_rows[: s.calibration_rows]
+    batches = [collator(rows[i : i + s.batch_size]) for i in range(0, len(rows), s.batch_size)]
+    try:
+        report = head_probe.probe_head(model, head if isinstance(head, str) else head[0], batches)
+    except head_probe.HeadProbeError as err:
+        raise CLIError(str(err)) from None
+    return report.to_dict()
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint (the Trainer writes trainer_state.json last; a kill mid-save leaves none)."""
     ckpts = sorted(
@@ -265,6 +280,10 @@ def run_training(s: TrainSettings) -> dict:
     if not train_rows or not eval_rows:
         raise CLIError(f"no usable rows after tokenization (train {len(train_rows)}, held-out {len(eval_rows)})")
     is_recursive = getattr(base, "recursive_config", None) is not None
+    if not is_recursive:  # also on resume: the gradient init below must see the same head as the first run
+        probe = _probe_head(base, head, train_rows, collator, s)
+        if probe is not None:
+            metrics["head_probe"] = probe
     model = (
         recursive.prepare_uptraining(base, s.method, s.freeze_shared)
         if is_recursive
