@@ -30,6 +30,11 @@ import torch
 from lamda_peft.settings import TrainSettings
 from lamda_peft.training import run_training
 
+# the sweep's winning LaMDA schedule (settings.py's defaults): B frozen over 60% of the steps, S at 3x, 10% warm-up;
+# "-combo" variants use it, "-ff1-combo" ones train B over the whole run
+COMBO = {"freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1}
+COMBO_FF1 = {**COMBO, "freeze_fraction": 1.0}
+
 # (label, TrainSettings overrides, learning rates to sweep)
 VARIANTS = {
     "lora-r8": ({"method": "lora", "r": 8}, [1e-3, 3e-3]),
@@ -58,15 +63,15 @@ VARIANTS = {
     "lamda-r16-s3": ({"method": "lamda", "r": 16, "s_lr_scale": 3.0}, [5e-4]),
     "lamda-r16-act": ({"method": "lamda", "r": 16, "init": "activation"}, [1e-3, 3e-3]),
     "lamda-r16-combo": (
-        {"method": "lamda", "r": 16, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda", "r": 16, **COMBO},
         [5e-4],
     ),
     "qlamda-nf4-r16-combo": (
-        {"method": "lamda", "r": 16, "quantize": "nf4", "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda", "r": 16, "quantize": "nf4", **COMBO},
         [5e-4],
     ),
     "lamda++-r16-combo": (
-        {"method": "lamda++", "r": 16, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda++", "r": 16, **COMBO},
         [5e-4],
     ),
     "lamda++-r16-smallest-combo": (
@@ -74,16 +79,14 @@ VARIANTS = {
             "method": "lamda++",
             "r": 16,
             "freeze_order": "smallest_first",
-            "freeze_fraction": 0.6,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO,
         },
         [5e-4],
     ),
     # init="zero": the adapter's change starts at 0 as LoRA's (A = Vh, B0 = 0); A's rows are unit
     # vectors, so a step on B moves W about as much as a LoRA r=8 step at 1.7x the rate
     "lamda-r16-zero-combo": (
-        {"method": "lamda", "r": 16, "init": "zero", "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda", "r": 16, "init": "zero", **COMBO},
         [1e-3, 2e-3],
     ),
     # init="gradient": A on the top-r input directions of the loss gradient on 256 training rows
@@ -92,9 +95,7 @@ VARIANTS = {
             "method": "lamda",
             "r": 16,
             "init": "gradient",
-            "freeze_fraction": 0.6,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO,
         },
         [1e-3, 2e-3],
     ),
@@ -104,9 +105,7 @@ VARIANTS = {
             "method": "lamda",
             "r": 16,
             "init": "gradient",
-            "freeze_fraction": 1.0,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO_FF1,
         },
         [2e-3],
     ),
@@ -115,9 +114,7 @@ VARIANTS = {
             "method": "lamda",
             "r": 24,
             "init": "gradient",
-            "freeze_fraction": 0.6,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO,
         },
         [2e-3],
     ),
@@ -128,9 +125,7 @@ VARIANTS = {
             "r": 16,
             "init": "gradient",
             "calibration_rows": 1024,
-            "freeze_fraction": 0.6,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO,
         },
         [2e-3],
     ),
@@ -140,9 +135,7 @@ VARIANTS = {
             "method": "lamda++",
             "r": 16,
             "init": "gradient",
-            "freeze_fraction": 0.6,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO,
         },
         [2e-3],
     ),
@@ -153,9 +146,7 @@ VARIANTS = {
             "r": 16,
             "init": "gradient",
             "quantize": "nf4",
-            "freeze_fraction": 0.6,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO,
         },
         [2e-3],
     ),
@@ -166,9 +157,7 @@ VARIANTS = {
             "init": "gradient",
             "calibration_rows": 1024,
             "quantize": "nf4",
-            "freeze_fraction": 0.6,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO,
         },
         [2e-3],
     ),
@@ -182,9 +171,7 @@ VARIANTS = {
             "calibration_rows": 1024,
             "head_init": "probe",
             "quantize": "nf4",
-            "freeze_fraction": 0.6,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO,
         },
         [2e-3],
     ),
@@ -195,9 +182,7 @@ VARIANTS = {
             "init": "gradient",
             "calibration_rows": 1024,
             "head_init": "probe",
-            "freeze_fraction": 0.6,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO,
         },
         [2e-3],
     ),
@@ -206,23 +191,23 @@ VARIANTS = {
     "lora-r8-probe": ({"method": "lora", "r": 8, "head_init": "probe"}, [3e-3]),
     # rank 24: S has 576 entries per layer, 15x fewer trainable parameters than LoRA r=8 at the end
     "lamda-r24-combo": (
-        {"method": "lamda", "r": 24, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda", "r": 24, **COMBO},
         [5e-4],
     ),
     # rank 32 (SmolLM2): S has 1,024 entries per layer, still 11x fewer trainable than LoRA r=8 at the end
     "lamda-r32-combo": (
-        {"method": "lamda", "r": 32, "freeze_fraction": 0.6, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda", "r": 32, **COMBO},
         [5e-4],
     ),
     # rank 32, B trained over the whole run: more frozen input directions for B to use (a frozen A needs
     # a larger rank, as LoRA-FA does); S-only at the end: 215,040 trainable, 11x fewer than LoRA r=8
     "lamda-r32-ff1-combo": (
-        {"method": "lamda", "r": 32, "freeze_fraction": 1.0, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda", "r": 32, **COMBO_FF1},
         [2e-4, 3e-4],
     ),
     # LaMDA++ with B trained over the whole run, both freeze orders (the causal-lm defaults)
     "lamda++-r16-ff1-combo": (
-        {"method": "lamda++", "r": 16, "freeze_fraction": 1.0, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda++", "r": 16, **COMBO_FF1},
         [3e-4],
     ),
     "lamda++-r16-smallest-ff1-combo": (
@@ -230,16 +215,14 @@ VARIANTS = {
             "method": "lamda++",
             "r": 16,
             "freeze_order": "smallest_first",
-            "freeze_fraction": 1.0,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO_FF1,
         },
         [3e-4],
     ),
     # B trained over the whole run (its last component freezes at the last step): the same S-only
     # trainable count at the end, more parameter updates
     "lamda-r16-ff1-combo": (
-        {"method": "lamda", "r": 16, "freeze_fraction": 1.0, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda", "r": 16, **COMBO_FF1},
         [5e-4],
     ),
     # ... and its smallest components freeze first (the largest, which move W most per step, train longest)
@@ -248,16 +231,14 @@ VARIANTS = {
             "method": "lamda",
             "r": 16,
             "freeze_order": "smallest_first",
-            "freeze_fraction": 1.0,
-            "s_lr_scale": 3.0,
-            "warmup_ratio": 0.1,
+            **COMBO_FF1,
         },
         [3e-4],
     ),
     # init="zero" (A = Vh, B from 0: every column of B moves W by the same amount per step, as
     # LoRA's B does) with B trained over the whole run
     "lamda-r16-zero-ff1-combo": (
-        {"method": "lamda", "r": 16, "init": "zero", "freeze_fraction": 1.0, "s_lr_scale": 3.0, "warmup_ratio": 0.1},
+        {"method": "lamda", "r": 16, "init": "zero", **COMBO_FF1},
         [2e-3, 3e-3],
     ),
     "lamda-r16-warm0.1": ({"method": "lamda", "r": 16, "warmup_ratio": 0.1}, [1e-3]),

@@ -20,6 +20,7 @@ are constrained too (LaMDA's B trains, so they are not, until B freezes).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -44,8 +45,6 @@ def lora_updates(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, float]]:
     dW is float64 in torch layout. PEFT draws A from kaiming_uniform(a=sqrt(5)): rows of squared
     norm 1/3 on average; a final A far above that is mostly learned, not its random start.
     """
-    import json
-
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     scaling = cfg["lora_alpha"] / cfg["r"]
     state = load_file(str(adapter_dir / "adapter_model.safetensors"))
@@ -75,6 +74,12 @@ def split_by_spectrum(w: torch.Tensor, dw: torch.Tensor, ks=KS, seed: int = 0) -
         row[f"input_random{k}"] = float((dw @ q).pow(2).sum()) / total
         row[f"output_top{k}"] = float((uk.T @ dw).pow(2).sum()) / total
     return row
+
+
+def _medians(rows: list[dict]) -> dict:
+    """Median over `rows` of every share and A-norm figure (keys the first row has; rows lacking one skip it)."""
+    keys = [k for k in rows[0] if k.startswith(("input_", "output_", "lora_A"))]
+    return {k: statistics.median(r[k] for r in rows if k in r) for k in keys}
 
 
 def main(argv=None) -> int:
@@ -108,19 +113,8 @@ def main(argv=None) -> int:
         kinds.setdefault(name.rsplit(".", 1)[-1], []).append(row)
     summary = {}
     for kind, group in sorted(kinds.items()):
-        summary[kind] = {
-            key: statistics.median(r[key] for r in group)
-            for key in group[0]
-            if key.startswith(("input_", "output_", "lora_A"))
-        }
-        summary[kind]["d_in"] = group[0]["d_in"]
-        summary[kind]["layers"] = len(group)
-    every = list(rows.values())
-    summary["all"] = {
-        key: statistics.median(r[key] for r in every if key in r)
-        for key in every[0]
-        if key.startswith(("input_", "output_", "lora_A"))
-    }
+        summary[kind] = {**_medians(group), "d_in": group[0]["d_in"], "layers": len(group)}
+    summary["all"] = _medians(list(rows.values()))
     for kind, s in summary.items():
         shares = ", ".join(
             f"top{k} {s[f'input_top{k}']:.3f} (chance {s[f'input_random{k}']:.3f})" for k in KS if f"input_top{k}" in s

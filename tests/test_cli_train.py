@@ -224,7 +224,7 @@ def test_commands_on_an_unfinished_run_say_how_to_continue_it(tmp_path, capsys):
     assert "is neither a run folder with adapter/ nor an adapter folder" in capsys.readouterr().err
 
 
-def test_lorafa_baseline_trains_lora_b_only_through_peft(tmp_path):
+def test_lorafa_baseline_trains_lora_b_only_through_peft(tmp_path, capsys):
     """--method lorafa: PEFT LoRA trained by PEFT's LoRA-FA optimizer. Two rates from the same seed
     leave every lora_A bitwise at its (seeded) init while lora_B moves differently; the trainable count
     leaves A out; the adapter is a plain PEFT LoRA folder."""
@@ -260,6 +260,12 @@ def test_lorafa_baseline_trains_lora_b_only_through_peft(tmp_path):
     trainable = metrics[0]["trainable_params_start"]
     assert trainable == metrics[0]["trainable_params_end"]
     assert b_params <= trainable < b_params + a_params  # B and the head train, A does not
+    # a PEFT run is not a LaMDA run: merge / export-lora / evaluate name the method, and write nothing
+    for argv in (("merge", out, tmp_path / "m"), ("export-lora", out, tmp_path / "e")):
+        assert run_cli(*argv) == 2
+    assert not (tmp_path / "m").exists() and not (tmp_path / "e").exists()
+    assert run_cli("evaluate", out) == 2
+    assert capsys.readouterr().err.count("is a --method lorafa run, not a LaMDA one") == 3
 
 
 def test_lorafa_resume_is_bitwise(tmp_path):

@@ -48,8 +48,11 @@ def load_run(path: str, model: str | None = None):
     if not resolved.is_file():
         raise CLIError(f"{run_dir} has no resolved_config.json: cannot tell which base model and task it used")
     s = TrainSettings(**json.loads(resolved.read_text()))
-    if s.method in ("lora", "lorafa"):
-        raise CLIError(f"{path} is a PEFT LoRA run: use peft's merge_and_unload directly")
+    if s.method not in ("lamda", "lamda++"):  # lora, lorafa, pissa, vera: a PEFT adapter; full: no adapter
+        raise CLIError(
+            f"{path} is a --method {s.method} run, not a LaMDA one: load it with peft "
+            "(PeftModel.from_pretrained, then merge_and_unload) or transformers"
+        )
     model_path = resolve_model_path(model or s.model)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_path)
     if s.task in ("classification", "regression"):
