@@ -239,10 +239,11 @@ class Runner:
             return int(counter())
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
-    def step(self, input_ids: torch.Tensor) -> float:
-        """One full training step; returns the loss."""
-        loss = self.loss(input_ids)
-        loss.backward()
+    def step(self, input_ids: torch.Tensor, forward_backward=contextlib.nullcontext) -> float:
+        """One full training step; returns the loss. `forward_backward`: a context for those two alone."""
+        with forward_backward():
+            loss = self.loss(input_ids)
+            loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -248,15 +248,12 @@ def profile_step(runner: bc.Runner, ids: torch.Tensor, dev: Device, top: int = 1
     with profile(activities=activities) as prof:
         runner.step(ids)
         dev.sync()
+    # the whole step, and inside it forward + backward alone (nested counters both count an op): on a GPU
+    # AdamW runs foreach (a few kernels for all parameters), while on the CPU it dispatches several ops
+    # per parameter, so the forward + backward count is the fair launch proxy
+    forward_backward = bc.DispatchCounter()
     with bc.DispatchCounter() as dispatched:
-        runner.step(ids)
-    # forward + backward alone: on a GPU AdamW runs foreach (a few kernels for all parameters), while
-    # on the CPU it dispatches several ops per parameter; this count is the fair launch proxy
-    with bc.DispatchCounter() as forward_backward:
-        runner.loss(ids).backward()
-    if runner.optimizer is not None:
-        runner.optimizer.step()
-        runner.optimizer.zero_grad(set_to_none=True)
+        runner.step(ids, forward_backward=lambda: forward_backward)
     events = prof.key_averages()
     by_name = {e.key: e for e in events}
 
