@@ -186,6 +186,31 @@ VARIANTS = {
         },
         [2e-3],
     ),
+    # gradient_stat="batch_moment": A from the top eigenvectors of sum_b G_b^T G_b (the input directions of
+    # the per-batch gradients, the steps training takes), not of the summed gradient's
+    "qlamda-nf4-r16-gradmom-cal1k-combo": (
+        {
+            "method": "lamda",
+            "r": 16,
+            "init": "gradient",
+            "gradient_stat": "batch_moment",
+            "calibration_rows": 1024,
+            "quantize": "nf4",
+            **COMBO,
+        },
+        [2e-3],
+    ),
+    "lamda-r16-gradmom-cal1k-combo": (
+        {
+            "method": "lamda",
+            "r": 16,
+            "init": "gradient",
+            "gradient_stat": "batch_moment",
+            "calibration_rows": 1024,
+            **COMBO,
+        },
+        [2e-3],
+    ),
     # the same probed head for the baselines: does the probe help LaMDA's A, or any fine-tuning?
     "qlora-nf4-r8-probe": ({"method": "lora", "r": 8, "quantize": "nf4", "head_init": "probe"}, [3e-3]),
     "lora-r8-probe": ({"method": "lora", "r": 8, "head_init": "probe"}, [3e-3]),

@@ -192,3 +192,37 @@ def test_quantized_base_is_qloras_and_a_is_the_quantized_models_gradients(tmp_pa
         LamdaConfig(**cfg, quantize="nf4", loftq_iters=2)
     with pytest.raises(QuantizationError, match="already quantized: load the model in full precision"):
         get_lamda_model(qlora_base, LamdaConfig(**cfg), calibration=_batches())
+
+
+def test_batch_moment_is_the_float64_sum_of_per_batch_gram_matrices_and_a_its_top_eigenvectors():
+    """gradient_stat="batch_moment": weight_gradients returns sum_b G_b^T G_b (each G_b from plain
+    float64 autograd on one batch), and A is its top-r eigenspace, i.e. the top-r right singular
+    vectors of the stacked per-batch gradients [G_1; G_2]; B0 = 0, S0 = I, the base untouched."""
+    from lamda_peft.spectral import gradient_moment_factors
+
+    names = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"]
+    moments = weight_gradients(tiny_bert().double(), names, _batches(), batch_moment=True)
+    for n in names:
+        per_batch = [_dense_gradients(tiny_bert().double(), [n], [b])[n] for b in _batches()]
+        expected = sum(g.T @ g for g in per_batch)
+        torch.testing.assert_close(moments[n].double(), expected, atol=1e-7, rtol=1e-5)
+        r = 3
+        f = gradient_moment_factors(expected, r, per_batch[0].shape[0], dtype=torch.float64)
+        stacked = np.concatenate([g.numpy() for g in per_batch])
+        _, s, vt = np.linalg.svd(stacked)
+        proj = torch.from_numpy(vt[:r].T @ vt[:r])
+        torch.testing.assert_close(f.A.T @ f.A, proj, atol=1e-8, rtol=0)  # the same subspace
+        torch.testing.assert_close(f.sigma, torch.from_numpy(s[:r]), atol=1e-8, rtol=1e-7)
+        assert f.B0.shape == (per_batch[0].shape[0], r) and not f.B0.any()
+        torch.testing.assert_close(f.S0, torch.eye(r, dtype=torch.float64))
+
+    base = tiny_bert().double().eval()
+    batch = {k: v for k, v in _batches()[0].items() if k != "labels"}
+    with torch.no_grad():
+        expected_out = base(**batch).logits
+    cfg = LamdaConfig(r=4, target_modules=["query", "value"], init="gradient", gradient_stat="batch_moment")
+    model = get_lamda_model(base, cfg, calibration=_batches())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected_out, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="gradient_stat"):
+        LamdaConfig(r=4, init="gradient", gradient_stat="mean")

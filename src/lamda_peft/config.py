@@ -28,6 +28,7 @@ PEFT_TYPE = "LAMDA"
 _FREEZE_ORDERS = ("largest_first", "smallest_first")
 _INITS = ("spectral", "orthonormal", "zero", "activation", "gradient")
 _SVD_METHODS = ("auto", "full", "lowrank")
+_GRADIENT_STATS = ("sum", "batch_moment")
 _RANK_ALLOCATIONS = ("none", "energy")
 _RANK_BUDGETS = ("params", "rank")
 # PeftConfig's fields, written only when they differ from these defaults (peft_version: never, as it
@@ -69,6 +70,11 @@ class LamdaConfig(PeftConfig):
             "gradient" [ours]: A = the top-r right singular vectors of the loss gradient dL/dW on
             calibration batches with labels, B0 = 0, S = I (W_res = W): the input directions full
             fine-tuning would move first. See `spectral.gradient_factors`.
+        gradient_stat: what init="gradient" reads of the calibration gradients. "sum": the
+            summed gradient G = sum_b G_b (its top-r right singular vectors). "batch_moment" [ours]:
+            the top-r eigenvectors of sum_b G_b^T G_b, the input directions where the per-batch
+            gradients (the steps training takes) carry most energy, not only their mean; holds one
+            (d_in, d_in) matrix per target during calibration.
         s_lr_scale: multiplier on the learning rate of S in `lamda_param_groups` (1 = same rate).
         svd: "full" (exact SVD in float64), "lowrank" (`torch.svd_lowrank`, randomised) or
             "auto": full for matrices up to `svd_full_max_dim`, low-rank above it.
@@ -102,6 +108,7 @@ class LamdaConfig(PeftConfig):
     freeze_order: str = "largest_first"
     init: str = "spectral"
     s_lr_scale: float = 1.0
+    gradient_stat: str = "sum"
     svd: str = "auto"
     svd_niter: int = 4
     svd_full_max_dim: int = 1024
@@ -154,6 +161,7 @@ class LamdaConfig(PeftConfig):
             raise ConfigError(f"freeze_fraction must be in [0, 1], got {self.freeze_fraction}")
         _check_choice("freeze_order", self.freeze_order, _FREEZE_ORDERS)
         _check_choice("init", self.init, _INITS)
+        _check_choice("gradient_stat", self.gradient_stat, _GRADIENT_STATS)
         _check_number("s_lr_scale", self.s_lr_scale)
         if self.s_lr_scale <= 0:
             raise ConfigError(f"s_lr_scale must be > 0, got {self.s_lr_scale}")

@@ -79,6 +79,7 @@ def _lamda_config(s: TrainSettings, targets, modules_to_save, model_path: str, *
         freeze_fraction=s.freeze_fraction,
         freeze_order=s.freeze_order,
         init=s.init,
+        gradient_stat=s.gradient_stat,
         s_lr_scale=s.s_lr_scale,
         modules_to_save=modules_to_save,
         rank_allocation="energy" if s.method == "lamda++" else "none",

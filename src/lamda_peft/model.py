@@ -25,7 +25,13 @@ from lamda_peft.quantization import (
     weights_as_quantized,
 )
 from lamda_peft.schedule import FreezeSchedule
-from lamda_peft.spectral import SpectralFactors, activation_factors, gradient_factors, spectral_factors
+from lamda_peft.spectral import (
+    SpectralFactors,
+    activation_factors,
+    gradient_factors,
+    gradient_moment_factors,
+    spectral_factors,
+)
 from lamda_peft.targets import find_targets
 
 
@@ -298,10 +304,13 @@ def input_covariances(model: nn.Module, names: list[str], calibration) -> dict[s
 CALIBRATED_INITS = ("activation", "gradient")  # inits that read calibration data
 
 
-def weight_gradients(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
+def weight_gradients(
+    model: nn.Module, names: list[str], calibration, batch_moment: bool = False
+) -> dict[str, torch.Tensor]:
     """dL/dW (float32, (d_out, d_in) layout) of each named linear, summed over the calibration batches.
 
     Memory: one gradient per named weight (as one full fine-tuning step holds), no second copy.
+    With `batch_moment`, sum_b G_b^T G_b (float32, (d_in, d_in)) over the batches instead.
 
     `calibration` is an iterable of keyword batches with labels, so that `model(**batch).loss`
     exists. Runs in eval mode (no dropout); only the named weights take gradients, and every
@@ -327,6 +336,13 @@ def weight_gradients(model: nn.Module, names: list[str], calibration) -> dict[st
                         "init='gradient': model(**batch) returned no loss; the calibration batches need labels"
                     )
                 loss.backward()
+                if batch_moment:
+                    for n, m in modules.items():
+                        if m.weight.grad is not None:
+                            g = torch_layout_weight_grad(m).to(torch.float32)
+                            sums[n] = sums[n].addmm_(g.T, g) if n in sums else g.T @ g
+                            m.weight.grad = None
+                    continue
                 for n, m in modules.items():
                     # float32/float64 gradients accumulate in .grad across batches (one gradient per
                     # weight held, not two); half-precision ones are summed here in float32
@@ -380,14 +396,16 @@ def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[
         # B0 = 0: a quantized base will be Q(W) itself, so the gradient is taken on that model
         view = weights_as_quantized(model, targets, config) if config.quantize else contextlib.nullcontext()
         with view:
-            stats = weight_gradients(model, targets, calibration)
+            stats = weight_gradients(model, targets, calibration, batch_moment=config.gradient_stat == "batch_moment")
     else:
         stats = input_covariances(model, targets, calibration)
     factors = {}
     for name in targets:
         weight = torch_layout_weight(model.get_submodule(name))
         r, dtype = config.rank_for(name), _adapter_dtype(weight)
-        if config.init == "gradient":
+        if config.init == "gradient" and config.gradient_stat == "batch_moment":
+            f = gradient_moment_factors(stats[name], r, weight.shape[0], dtype=dtype)
+        elif config.init == "gradient":
             svd = {"method": config.svd, "niter": config.svd_niter, "full_max_dim": config.svd_full_max_dim}
             f = gradient_factors(stats[name], r, dtype=dtype, **svd)
         else:

@@ -117,6 +117,12 @@ class TrainSettings:
     calibration_rows: int = _f(
         1024, "init activation/gradient: training rows whose layer inputs or loss gradient set A"
     )
+    gradient_stat: str = _f(
+        "sum",
+        "init gradient: sum (A from the summed calibration gradient) or batch_moment (A from the top "
+        "eigenvectors of sum_b G_b^T G_b over --batch-size calibration batches)",
+        choices=["sum", "batch_moment"],
+    )
     head_init: str = _f(
         "random",
         "classification/regression: the new head's start (random: its own init; probe: fitted first on the "

@@ -134,6 +134,29 @@ def gradient_factors(grad: torch.Tensor, r: int, dtype: torch.dtype = torch.floa
     return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype).contiguous(), S0.to(dtype), g.to(dtype))
 
 
+def gradient_moment_factors(
+    moment: torch.Tensor, r: int, d_out: int, dtype: torch.dtype = torch.float32
+) -> SpectralFactors:
+    """A, B0, S0 for init="gradient" with gradient_stat="batch_moment".
+
+    `moment` = sum_b G_b^T G_b (d_in, d_in) over calibration batches b, G_b = dL_b/dW. A = the
+    top-r eigenvectors (rows, largest first), B0 = 0, S0 = I as for "sum". These are the top-r right
+    singular vectors of the stacked per-batch gradients [G_1; G_2; ...]; `sigma` holds their
+    singular values (square roots of the eigenvalues).
+    """
+    d_in = moment.shape[0]
+    if moment.shape != (d_in, d_in):
+        raise ValueError(f"gradient moment is {tuple(moment.shape)}, expected a square (d_in, d_in) matrix")
+    if not 1 <= r <= d_in:
+        raise ValueError(f"rank {r} must be in [1, d_in = {d_in}]")
+    values, vectors = torch.linalg.eigh(moment.to(torch.float64))
+    A = vectors[:, -r:].flip(1).T  # eigh is ascending: the top-r, largest first
+    g = values[-r:].flip(0).clamp(min=0).sqrt()
+    S0 = torch.eye(r, dtype=torch.float64, device=moment.device)
+    B0 = torch.zeros(d_out, r, dtype=torch.float64, device=moment.device)
+    return SpectralFactors(A.to(dtype).contiguous(), B0.to(dtype), S0.to(dtype), g.to(dtype))
+
+
 def residual_weight(
     weight: torch.Tensor, A: torch.Tensor, B0: torch.Tensor, S0: torch.Tensor, scaling: float
 ) -> torch.Tensor:
