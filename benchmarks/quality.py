@@ -282,10 +282,11 @@ PAPER_SETTINGS = {"freeze_fraction": 0.3, "s_lr_scale": 1.0, "warmup_ratio": 0.0
 for _name, (_overrides, _lrs) in VARIANTS.items():
     if _overrides["method"] in ("lamda", "lamda++") and not _name.endswith("-combo"):
         VARIANTS[_name] = ({**PAPER_SETTINGS, **_overrides}, _lrs)
-# ... and the paper's spectral init unless they name another (the CLI's default init is now "gradient")
+# ... and the paper's spectral init unless they name another (the CLI's default init is now "gradient"),
+# and the head's own random init unless they name the probe (the CLI's default for LaMDA classification)
 for _name, (_overrides, _lrs) in VARIANTS.items():
     if _overrides["method"] in ("lamda", "lamda++"):
-        VARIANTS[_name] = ({"init": "spectral", **_overrides}, _lrs)
+        VARIANTS[_name] = ({"init": "spectral", "head_init": "random", **_overrides}, _lrs)
 PRESETS = {
     "minilm": {
         "settings": {"model": "minilm", "task": "classification", "epochs": 5, "batch_size": 16, "max_length": 128},
