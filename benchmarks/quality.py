@@ -213,7 +213,6 @@ VARIANTS = {
     ),
     # the same probed head for the baselines: does the probe help LaMDA's A, or any fine-tuning?
     "qlora-nf4-r8-probe": ({"method": "lora", "r": 8, "quantize": "nf4", "head_init": "probe"}, [3e-3]),
-    "lora-r8-probe": ({"method": "lora", "r": 8, "head_init": "probe"}, [3e-3]),
     # rank 24: S has 576 entries per layer, 15x fewer trainable parameters than LoRA r=8 at the end
     "lamda-r24-combo": (
         {"method": "lamda", "r": 24, **COMBO},

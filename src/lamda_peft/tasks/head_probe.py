@@ -52,8 +52,8 @@ def _task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def head_inputs(model: nn.Module, head: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of `head`, labels) over `batches`, in eval mode, each input as the head received it.
 
-    Refuses a head whose output is not the model's logits (a causal LM's `score`, applied to every
-    token before the last one is picked, for instance): re-running it on its inputs would not give them.
+    Refuses a head whose output is not the model's logits (a decoder classifier's `score`, applied to
+    every token before the last one is picked, for instance): re-running it on its inputs would not give them.
     """
     captured: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
