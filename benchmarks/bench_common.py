@@ -239,9 +239,9 @@ class Runner:
             return int(counter())
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
-    def step(self, input_ids: torch.Tensor, forward_backward=contextlib.nullcontext) -> float:
-        """One full training step; returns the loss. `forward_backward`: a context for those two alone."""
-        with forward_backward():
+    def step(self, input_ids: torch.Tensor, forward_backward=None) -> float:
+        """One full training step; returns the loss. `forward_backward`: a context entered for those two alone."""
+        with forward_backward or contextlib.nullcontext():
             loss = self.loss(input_ids)
             loss.backward()
         if self.optimizer is not None:

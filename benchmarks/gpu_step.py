@@ -253,7 +253,7 @@ def profile_step(runner: bc.Runner, ids: torch.Tensor, dev: Device, top: int = 1
     # per parameter, so the forward + backward count is the fair launch proxy
     forward_backward = bc.DispatchCounter()
     with bc.DispatchCounter() as dispatched:
-        runner.step(ids, forward_backward=lambda: forward_backward)
+        runner.step(ids, forward_backward=forward_backward)
     events = prof.key_averages()
     by_name = {e.key: e for e in events}
 

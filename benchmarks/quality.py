@@ -282,7 +282,7 @@ for _name, (_overrides, _lrs) in VARIANTS.items():
     if _overrides["method"] in ("lamda", "lamda++") and not _name.endswith("-combo"):
         VARIANTS[_name] = ({**PAPER_SETTINGS, **_overrides}, _lrs)
 # ... and the paper's spectral init unless they name another (the CLI's default init is now "gradient"),
-# and the head's own random init unless they name the probe (the CLI's default for LaMDA classification)
+# and the head's own random init unless they name the probe (opt-in: `--head-init probe`)
 for _name, (_overrides, _lrs) in VARIANTS.items():
     if _overrides["method"] in ("lamda", "lamda++"):
         VARIANTS[_name] = ({"init": "spectral", "head_init": "random", **_overrides}, _lrs)

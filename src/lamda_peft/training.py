@@ -173,12 +173,17 @@ def _causal_rows(tokenizer, df, s, source):
     return causal_lm.tokenize_sft(tokenizer, None, df[s.text_column].astype(str).tolist(), s.max_length)
 
 
-def _calibration_batches(train_rows: list[dict], collator, s: TrainSettings) -> list[dict] | None:
-    """--init activation|gradient: the first --calibration-rows training rows, collated in --batch-size batches."""
-    if s.init not in CALIBRATED_INITS or s.method not in ("lamda", "lamda++"):
-        return None
+def _leading_batches(train_rows: list[dict], collator, s: TrainSettings) -> list[dict]:
+    """The first --calibration-rows training rows, collated in --batch-size batches."""
     rows = train_rows[: s.calibration_rows]
     return [collator(rows[i : i + s.batch_size]) for i in range(0, len(rows), s.batch_size)]
+
+
+def _calibration_batches(train_rows: list[dict], collator, s: TrainSettings) -> list[dict] | None:
+    """--init activation|gradient: the rows that set A (`_leading_batches`)."""
+    if s.init not in CALIBRATED_INITS or s.method not in ("lamda", "lamda++"):
+        return None
+    return _leading_batches(train_rows, collator, s)
 
 
 def _probe_head(model, head, train_rows: list[dict], collator, s: TrainSettings) -> dict | None:
@@ -187,8 +192,7 @@ def _probe_head(model, head, train_rows: list[dict], collator, s: TrainSettings)
         return None
     if head is None:  # TrainSettings.validate allows the probe only on tasks with a new head
         raise CLIError(f"--head-init probe: --task {s.task} builds no new head")
-    rows = train_rows[: s.calibration_rows]
-    batches = [collator(rows[i : i + s.batch_size]) for i in range(0, len(rows), s.batch_size)]
+    batches = _leading_batches(train_rows, collator, s)  # the same rows as a calibrated init reads
     try:
         report = head_probe.probe_head(model, head if isinstance(head, str) else head[0], batches)
     except head_probe.HeadProbeError as err:
