@@ -336,17 +336,16 @@ def weight_gradients(
                         "init='gradient': model(**batch) returned no loss; the calibration batches need labels"
                     )
                 loss.backward()
-                if batch_moment:
-                    for n, m in modules.items():
-                        if m.weight.grad is not None:
-                            g = torch_layout_weight_grad(m).to(torch.float32)
-                            sums[n] = sums[n].addmm_(g.T, g) if n in sums else g.T @ g
-                            m.weight.grad = None
-                    continue
                 for n, m in modules.items():
-                    # float32/float64 gradients accumulate in .grad across batches (one gradient per
-                    # weight held, not two); half-precision ones are summed here in float32
-                    if m.weight.grad is not None and m.weight.grad.dtype not in (torch.float32, torch.float64):
+                    if m.weight.grad is None:
+                        continue
+                    if batch_moment:  # this batch's G_b^T G_b, then its gradient is dropped
+                        g = torch_layout_weight_grad(m).to(torch.float32)
+                        sums[n] = sums[n].addmm_(g.T, g) if n in sums else g.T @ g
+                        m.weight.grad = None
+                    elif m.weight.grad.dtype not in (torch.float32, torch.float64):
+                        # float32/float64 gradients accumulate in .grad across batches (one gradient per
+                        # weight held, not two); half-precision ones are summed here in float32
                         g = torch_layout_weight_grad(m).to(torch.float32)
                         sums[n] = sums[n] + g if n in sums else g
                         m.weight.grad = None
