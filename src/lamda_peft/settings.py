@@ -124,8 +124,9 @@ class TrainSettings:
         "eigenvectors of sum_b G_b^T G_b over --batch-size calibration batches)",
         choices=["sum", "batch_moment"],
     )
-    # --head-init probe on MiniLM + drug reviews (LaMDA defaults, seeds 0-2): macro-F1 0.529 against 0.467,
-    # accuracy 0.710 against 0.720 (README, "Two more ways..."): opt-in, not the default
+    # --head-init probe on MiniLM + drug reviews (LaMDA defaults, seeds 0-5): macro-F1 0.520 against 0.465,
+    # accuracy 0.704 against 0.714 (README, "Two more ways..."); on NF4 (10 seeds) 0.715 against 0.711:
+    # opt-in, not the default
     head_init: str = _f(
         "random",
         "classification/regression: the new head's start (random: its own init; probe: fitted first on the "
