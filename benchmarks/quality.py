@@ -364,7 +364,19 @@ def main(argv=None) -> int:
         help="combine the runs of these JSON files (parallel workers) into --output, re-summarised; no training "
         "(with --variants: only those variants' runs)",
     )
+    p.add_argument(
+        "--paired",
+        action="append",
+        default=[],
+        metavar="A:B",
+        help="also write variant A against variant B seed by seed (mean difference, its standard error, wins and "
+        "losses), each at its best rate; repeatable",
+    )
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # the command the JSON records
+    for pair in args.paired:
+        if pair.count(":") != 1 or not all(pair.split(":")):
+            p.error(f"--paired: expected VARIANT_A:VARIANT_B, got {pair!r}")
     preset = PRESETS[args.preset]
     if args.quick and not args.output:
         p.error("--quick needs --output (it must not replace the committed results)")
@@ -472,13 +484,47 @@ def summarise(runs: list[dict], metric: str = "accuracy", higher_is_better: bool
     return table
 
 
+def paired(runs: list[dict], a: str, b: str, metric: str = "accuracy", higher_is_better: bool = True) -> dict:
+    """Variant `a` against variant `b`, seed by seed, each at its best learning rate (`summarise`).
+
+    Only the seeds both ran are compared. Returns the number of seeds, both means, the mean of the
+    per-seed differences a - b with its standard error (sample standard deviation / sqrt(n)), and on
+    how many seeds a does better, worse or the same (by `higher_is_better`). A difference of one run's noise reads as a tie only when the
+    standard error says so: this is the figure the README quotes for "at least as good as".
+    """
+    best = {row["variant"]: row["lr"] for row in summarise(runs, metric, higher_is_better)}
+    for name in (a, b):
+        if name not in best:
+            raise ValueError(f"paired: variant {name!r} has no runs; present: {', '.join(best) or 'none'}")
+    by_seed = {
+        name: {r["seed"]: r[metric] for r in runs if r["variant"] == name and r["lr"] == best[name]} for name in (a, b)
+    }
+    seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+    if len(seeds) < 2:
+        raise ValueError(f"paired: {a!r} and {b!r} share {len(seeds)} seed(s) at their best rates; need at least 2")
+    diffs = [by_seed[a][s] - by_seed[b][s] for s in seeds]
+    return {
+        "a": a,
+        "b": b,
+        "metric": metric,
+        "seeds": seeds,
+        f"{metric}_mean_a": statistics.mean(by_seed[a][s] for s in seeds),
+        f"{metric}_mean_b": statistics.mean(by_seed[b][s] for s in seeds),
+        "diff_mean": statistics.mean(diffs),
+        "diff_se": statistics.stdev(diffs) / len(diffs) ** 0.5,
+        "wins": sum((d > 0) if higher_is_better else (d < 0) for d in diffs),
+        "losses": sum((d < 0) if higher_is_better else (d > 0) for d in diffs),
+        "ties": sum(d == 0 for d in diffs),
+    }
+
+
 def _write(args, runs) -> None:
     import peft
     import transformers
 
     preset = PRESETS[args.preset]
     out = {
-        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/quality.py " + " ".join(args.argv),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
@@ -493,6 +539,10 @@ def _write(args, runs) -> None:
         "higher_is_better": preset["higher_is_better"],
         "runs": runs,
         "best_per_variant": summarise(runs, preset["metric"], preset["higher_is_better"]),
+        "paired": [
+            paired(runs, *pair.split(":"), metric=preset["metric"], higher_is_better=preset["higher_is_better"])
+            for pair in args.paired
+        ],
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")

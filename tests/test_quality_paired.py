@@ -1,0 +1,76 @@
+"""benchmarks/quality.py's seed-by-seed comparison (`paired`, `--paired A:B`), the figure behind the
+README's "at least as good as" statements, checked against a float64 computation of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+try:
+    import quality
+finally:
+    sys.path.remove(str(BENCH))
+
+
+def _row(variant, lr, seed, value, metric="accuracy"):
+    return {"variant": variant, "lr": lr, "seed": seed, metric: value, "trainable_params_end": 1, "parameter_updates": 1}
+
+
+A = {0: 0.7203, 1: 0.6992, 2: 0.7361, 3: 0.7100}  # variant "a" at its best rate, 2e-3
+B = {0: 0.7124, 1: 0.7256, 2: 0.7177, 5: 0.7300}  # variant "b": seed 3 missing, seed 5 extra
+
+RUNS = (
+    [_row("a", 2e-3, s, v) for s, v in A.items()]
+    + [_row("a", 1e-3, s, v - 0.05) for s, v in A.items()]  # a worse rate on the same seeds: never paired
+    + [_row("b", 3e-3, s, v) for s, v in B.items()]
+)
+
+
+def test_paired_matches_a_float64_reference_on_the_shared_seeds_at_the_best_rates():
+    out = quality.paired(RUNS, "a", "b")
+    seeds = [0, 1, 2]
+    diffs = np.array([A[s] - B[s] for s in seeds], dtype=np.float64)
+    assert out["seeds"] == seeds
+    assert out["diff_mean"] == pytest.approx(diffs.mean(), abs=1e-15)
+    assert out["diff_se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(len(diffs)), abs=1e-15)
+    assert out["accuracy_mean_a"] == pytest.approx(np.mean([A[s] for s in seeds]), abs=1e-15)
+    assert out["accuracy_mean_b"] == pytest.approx(np.mean([B[s] for s in seeds]), abs=1e-15)
+    assert (out["wins"], out["losses"], out["ties"]) == (2, 1, 0)
+
+
+def test_paired_on_a_lower_is_better_metric_counts_a_lower_loss_as_a_win():
+    runs = [_row("a", 1e-3, s, v, "eval_loss") for s, v in {0: 0.8, 1: 0.9, 2: 1.0}.items()]
+    runs += [_row("b", 1e-3, s, v, "eval_loss") for s, v in {0: 0.9, 1: 0.9, 2: 0.95}.items()]
+    out = quality.paired(runs, "a", "b", metric="eval_loss", higher_is_better=False)
+    assert (out["wins"], out["losses"], out["ties"]) == (1, 1, 1)
+    assert out["diff_mean"] == pytest.approx((-0.1 + 0.0 + 0.05) / 3, abs=1e-12)
+
+
+def test_paired_refuses_an_unknown_variant_and_too_few_shared_seeds():
+    with pytest.raises(ValueError, match="variant 'c' has no runs"):
+        quality.paired(RUNS, "a", "c")
+    with pytest.raises(ValueError, match="share 1 seed"):
+        quality.paired([_row("a", 1e-3, 0, 0.7), _row("b", 1e-3, 0, 0.7), _row("b", 1e-3, 1, 0.7)], "a", "b")
+
+
+def test_merge_writes_the_paired_rows_and_refuses_a_malformed_pair(tmp_path, capsys):
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"runs": RUNS}))
+    out = tmp_path / "merged.json"
+    assert quality.main(["--merge", str(part), "--paired", "a:b", "--paired", "b:a", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    forward, backward = data["paired"]
+    assert (forward["a"], forward["b"], backward["a"]) == ("a", "b", "b")
+    assert forward["diff_mean"] == pytest.approx(-backward["diff_mean"], abs=1e-15)
+    assert (forward["wins"], forward["losses"]) == (backward["losses"], backward["wins"])
+    assert "--paired a:b" in data["command"]
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--merge", str(part), "--paired", "a-b", "--output", str(out)])
+    assert exit_info.value.code == 2
+    assert "expected VARIANT_A:VARIANT_B, got 'a-b'" in capsys.readouterr().err
