@@ -19,7 +19,14 @@ finally:
 
 
 def _row(variant, lr, seed, value, metric="accuracy"):
-    return {"variant": variant, "lr": lr, "seed": seed, metric: value, "trainable_params_end": 1, "parameter_updates": 1}
+    return {
+        "variant": variant,
+        "lr": lr,
+        "seed": seed,
+        metric: value,
+        "trainable_params_end": 1,
+        "parameter_updates": 1,
+    }
 
 
 A = {0: 0.7203, 1: 0.6992, 2: 0.7361, 3: 0.7100}  # variant "a" at its best rate, 2e-3
