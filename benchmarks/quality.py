@@ -388,7 +388,7 @@ def main(argv=None) -> int:
             for row in json.loads(Path(path).read_text())["runs"]:
                 if keep is None or row["variant"] in keep:
                     runs[(row["variant"], row["lr"], row["seed"])] = row  # a later file wins on a duplicate
-        _write(args, list(runs.values()))
+        _write_final(p, args, list(runs.values()))
         return 0
     seeds = [int(x) for x in args.seeds.split(",")] if not args.quick else [0]
     runs = []
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
                 runs.append(row)
                 _write(args, runs)
-    _write(args, runs)
+    _write_final(p, args, runs)
     return 0
 
 
@@ -487,21 +487,22 @@ def summarise(runs: list[dict], metric: str = "accuracy", higher_is_better: bool
 def paired(runs: list[dict], a: str, b: str, metric: str = "accuracy", higher_is_better: bool = True) -> dict:
     """Variant `a` against variant `b`, seed by seed, each at its best learning rate (`summarise`).
 
-    Only the seeds both ran are compared. Returns the number of seeds, both means, the mean of the
+    Only the seeds both ran are compared. Returns the seeds, both means over them, the mean of the
     per-seed differences a - b with its standard error (sample standard deviation / sqrt(n)), and on
-    how many seeds a does better, worse or the same (by `higher_is_better`). A difference of one run's noise reads as a tie only when the
-    standard error says so: this is the figure the README quotes for "at least as good as".
+    how many seeds a does better, worse or the same (by `higher_is_better`). Pairing removes what the
+    seeds share (data order, head init), so the standard error is smaller than the two spreads'; the
+    README quotes these figures for "at least as good as".
     """
     best = {row["variant"]: row["lr"] for row in summarise(runs, metric, higher_is_better)}
     for name in (a, b):
         if name not in best:
-            raise ValueError(f"paired: variant {name!r} has no runs; present: {', '.join(best) or 'none'}")
+            raise ValueError(f"variant {name!r} has no runs; present: {', '.join(best) or 'none'}")
     by_seed = {
         name: {r["seed"]: r[metric] for r in runs if r["variant"] == name and r["lr"] == best[name]} for name in (a, b)
     }
     seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
     if len(seeds) < 2:
-        raise ValueError(f"paired: {a!r} and {b!r} share {len(seeds)} seed(s) at their best rates; need at least 2")
+        raise ValueError(f"{a!r} and {b!r} share {len(seeds)} seed(s) at their best rates; need at least 2")
     diffs = [by_seed[a][s] - by_seed[b][s] for s in seeds]
     return {
         "a": a,
@@ -518,7 +519,16 @@ def paired(runs: list[dict], a: str, b: str, metric: str = "accuracy", higher_is
     }
 
 
-def _write(args, runs) -> None:
+def _write_final(parser: argparse.ArgumentParser, args, runs) -> None:
+    """The last write: a --paired pair that cannot be formed is a usage error (every run is on disk already)."""
+    try:
+        _write(args, runs, final=True)
+    except ValueError as err:
+        parser.error(f"--paired: {err}")
+
+
+def _write(args, runs, final: bool = False) -> None:
+    """Write the JSON. Mid-sweep (`final` False) a --paired pair whose runs are not all in yet is left out."""
     import peft
     import transformers
 
@@ -539,11 +549,16 @@ def _write(args, runs) -> None:
         "higher_is_better": preset["higher_is_better"],
         "runs": runs,
         "best_per_variant": summarise(runs, preset["metric"], preset["higher_is_better"]),
-        "paired": [
-            paired(runs, *pair.split(":"), metric=preset["metric"], higher_is_better=preset["higher_is_better"])
-            for pair in args.paired
-        ],
+        "paired": [],
     }
+    for pair in args.paired:
+        try:
+            out["paired"].append(
+                paired(runs, *pair.split(":"), metric=preset["metric"], higher_is_better=preset["higher_is_better"])
+            )
+        except ValueError:
+            if final:
+                raise
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -81,3 +81,21 @@ def test_merge_writes_the_paired_rows_and_refuses_a_malformed_pair(tmp_path, cap
         quality.main(["--merge", str(part), "--paired", "a-b", "--output", str(out)])
     assert exit_info.value.code == 2
     assert "expected VARIANT_A:VARIANT_B, got 'a-b'" in capsys.readouterr().err
+
+
+def test_a_pair_that_cannot_be_formed_waits_mid_sweep_and_is_a_usage_error_at_the_end(tmp_path, capsys):
+    import argparse
+
+    out = tmp_path / "sweep.json"
+    args = argparse.Namespace(preset="minilm", output=str(out), argv=["--paired", "a:c"], paired=["a:c"])
+    quality._write(args, RUNS)  # mid-sweep: variant c has not run yet, the runs are written all the same
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == len(RUNS) and data["paired"] == []
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"runs": RUNS}))
+    merged = tmp_path / "merged.json"
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--merge", str(part), "--paired", "a:c", "--output", str(merged)])
+    assert exit_info.value.code == 2
+    assert "--paired: variant 'c' has no runs" in capsys.readouterr().err
+    assert not merged.exists()  # nothing written that looks like a finished merge
