@@ -241,7 +241,7 @@ class Runner:
 
     def step(self, input_ids: torch.Tensor, forward_backward=None) -> float:
         """One full training step; returns the loss. `forward_backward`: a context entered for those two alone."""
-        with forward_backward or contextlib.nullcontext():
+        with contextlib.nullcontext() if forward_backward is None else forward_backward:
             loss = self.loss(input_ids)
             loss.backward()
         if self.optimizer is not None:

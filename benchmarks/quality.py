@@ -377,6 +377,7 @@ def main(argv=None) -> int:
     for pair in args.paired:
         if pair.count(":") != 1 or not all(pair.split(":")):
             p.error(f"--paired: expected VARIANT_A:VARIANT_B, got {pair!r}")
+    args.pairs = [tuple(pair.split(":")) for pair in args.paired]  # parsed once, (a, b)
     preset = PRESETS[args.preset]
     if args.quick and not args.output:
         p.error("--quick needs --output (it must not replace the committed results)")
@@ -551,10 +552,10 @@ def _write(args, runs, final: bool = False) -> None:
         "best_per_variant": summarise(runs, preset["metric"], preset["higher_is_better"]),
         "paired": [],
     }
-    for pair in args.paired:
+    for a, b in args.pairs:
         try:
             out["paired"].append(
-                paired(runs, *pair.split(":"), metric=preset["metric"], higher_is_better=preset["higher_is_better"])
+                paired(runs, a, b, metric=preset["metric"], higher_is_better=preset["higher_is_better"])
             )
         except ValueError:
             if final:

@@ -87,7 +87,7 @@ def test_a_pair_that_cannot_be_formed_waits_mid_sweep_and_is_a_usage_error_at_th
     import argparse
 
     out = tmp_path / "sweep.json"
-    args = argparse.Namespace(preset="minilm", output=str(out), argv=["--paired", "a:c"], paired=["a:c"])
+    args = argparse.Namespace(preset="minilm", output=str(out), argv=["--paired", "a:c"], pairs=[("a", "c")])
     quality._write(args, RUNS)  # mid-sweep: variant c has not run yet, the runs are written all the same
     data = json.loads(out.read_text())
     assert len(data["runs"]) == len(RUNS) and data["paired"] == []
