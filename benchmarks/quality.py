@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -498,26 +499,42 @@ def paired(runs: list[dict], a: str, b: str, metric: str = "accuracy", higher_is
     for name in (a, b):
         if name not in best:
             raise ValueError(f"variant {name!r} has no runs; present: {', '.join(best) or 'none'}")
-    by_seed = {
-        name: {r["seed"]: r[metric] for r in runs if r["variant"] == name and r["lr"] == best[name]} for name in (a, b)
-    }
-    seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+    rows = {name: {r["seed"]: r for r in runs if r["variant"] == name and r["lr"] == best[name]} for name in (a, b)}
+    seeds = sorted(set(rows[a]) & set(rows[b]))
     if len(seeds) < 2:
         raise ValueError(f"{a!r} and {b!r} share {len(seeds)} seed(s) at their best rates; need at least 2")
-    diffs = [by_seed[a][s] - by_seed[b][s] for s in seeds]
-    return {
+    diffs = [rows[a][s][metric] - rows[b][s][metric] for s in seeds]
+    result = {
         "a": a,
         "b": b,
         "metric": metric,
         "seeds": seeds,
-        f"{metric}_mean_a": statistics.mean(by_seed[a][s] for s in seeds),
-        f"{metric}_mean_b": statistics.mean(by_seed[b][s] for s in seeds),
+        f"{metric}_mean_a": statistics.mean(rows[a][s][metric] for s in seeds),
+        f"{metric}_mean_b": statistics.mean(rows[b][s][metric] for s in seeds),
         "diff_mean": statistics.mean(diffs),
         "diff_se": statistics.stdev(diffs) / len(diffs) ** 0.5,
         "wins": sum((d > 0) if higher_is_better else (d < 0) for d in diffs),
         "losses": sum((d < 0) if higher_is_better else (d > 0) for d in diffs),
         "ties": sum(d == 0 for d in diffs),
     }
+    # The other metrics, on the shared seeds where both runs recorded them (older runs lack a held-out loss)
+    others = {}
+    for key in ("accuracy", "macro_f1", "eval_loss", "perplexity"):
+        have = [s for s in seeds if key != metric and all(_finite(rows[v][s].get(key)) for v in (a, b))]
+        if len(have) >= 2:
+            d = [rows[a][s][key] - rows[b][s][key] for s in have]
+            others[key] = {
+                "seeds": len(have),
+                "diff_mean": statistics.mean(d),
+                "diff_se": statistics.stdev(d) / len(d) ** 0.5,
+            }
+    if others:
+        result["other_metrics"] = others
+    return result
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _write_final(parser: argparse.ArgumentParser, args, runs) -> None:

@@ -99,3 +99,23 @@ def test_a_pair_that_cannot_be_formed_waits_mid_sweep_and_is_a_usage_error_at_th
     assert exit_info.value.code == 2
     assert "--paired: variant 'c' has no runs" in capsys.readouterr().err
     assert not merged.exists()  # nothing written that looks like a finished merge
+
+
+def test_paired_also_compares_the_other_metrics_on_the_seeds_that_recorded_them():
+    runs = []
+    for v, acc, loss in (("a", (0.70, 0.72, 0.71), (0.9, None, 1.0)), ("b", (0.71, 0.71, 0.70), (1.1, 1.2, 1.3))):
+        for seed, (x, y) in enumerate(zip(acc, loss, strict=True)):
+            row = _row(v, 1e-3, seed, x)
+            if y is not None:  # seed 1 of "a" predates the held-out loss: left out of that comparison only
+                row["eval_loss"] = y
+            if v == "a":  # only "a" recorded a macro-F1: never compared
+                row["macro_f1"] = 0.5
+            runs.append(row)
+    out = quality.paired(runs, "a", "b")
+    assert out["seeds"] == [0, 1, 2]
+    loss = out["other_metrics"]["eval_loss"]
+    diffs = np.array([0.9 - 1.1, 1.0 - 1.3], dtype=np.float64)
+    assert loss["seeds"] == 2
+    assert loss["diff_mean"] == pytest.approx(diffs.mean(), abs=1e-15)
+    assert loss["diff_se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(2), abs=1e-15)
+    assert set(out["other_metrics"]) == {"eval_loss"}  # not the paired metric itself, not macro-F1
