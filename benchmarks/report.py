@@ -551,6 +551,41 @@ def quality_section(data: dict, title: str = "Quality at equal steps") -> list[s
         rows,
     )
     out.append("")
+    return out + paired_lines(data)
+
+
+def paired_lines(data: dict) -> list[str]:
+    """The JSON's `paired` rows (quality.py --paired A:B): seed-by-seed differences A - B, in points."""
+    if not data.get("paired"):
+        return []
+    names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "eval_loss": "held-out loss", "perplexity": "perplexity"}
+    others = ("accuracy", "macro_f1", "eval_loss", "perplexity")
+
+    def diff(entry: dict, key: str) -> str:
+        scale = 100 if key in ("accuracy", "macro_f1") else 1  # points for rates, raw for losses
+        fmt = "{:+.2f} (SE {:.2f})" if scale == 100 else "{:+.3f} (SE {:.3f})"
+        return fmt.format(scale * entry["diff_mean"], scale * entry["diff_se"])
+
+    rows = []
+    for p in data["paired"]:
+        extra = p.get("other_metrics", {})
+        rows.append(
+            [
+                f"{p['a']} - {p['b']}",
+                str(len(p["seeds"])),
+                diff(p, p["metric"]),
+                f"{p['wins']} / {p['losses']} / {p['ties']}",
+                "; ".join(f"{names[k]} {diff(extra[k], k)} on {extra[k]['seeds']} seeds" for k in others if k in extra)
+                or "-",
+            ]
+        )
+    metric = names.get(data["paired"][0]["metric"], data["paired"][0]["metric"])
+    out = [
+        "Paired by seed (`--paired A:B`, each variant at its best rate; rates in points):",
+        "",
+        *_table(["A - B", "seeds", metric, "wins / losses / ties", "other metrics"], rows),
+        "",
+    ]
     return out
 
 
@@ -834,6 +869,10 @@ def main(argv=None) -> int:
         ("host/step_tiny8_cpu_bf16", host_step_section),
         ("quality_minilm", minilm_quality),
         ("quality_minilm_alternatives", alternatives),
+        (
+            "quality_minilm_qlamda",
+            lambda d: quality_section(d, "Quality on an NF4 base: QLaMDA against PEFT QLoRA (MiniLM)"),
+        ),
         ("quality_smollm2", smollm2_quality),
         ("recursive_smollm2", recursive_section),
     ):
@@ -845,9 +884,12 @@ def main(argv=None) -> int:
                 png = "quality_vs_params.png" if stem == "quality_minilm" else f"{stem}_vs_params.png"
                 plot_quality(payload, args.results_dir / png)
                 lines += [f"Plot: `results/{png}`.", ""]
-        elif stem not in ("step_time_focus", "quality_minilm_alternatives", "quality_smollm2") and not stem.startswith(
-            ("gpu/", "host/")
-        ):
+        elif stem not in (
+            "step_time_focus",
+            "quality_minilm_alternatives",
+            "quality_minilm_qlamda",
+            "quality_smollm2",
+        ) and not stem.startswith(("gpu/", "host/")):
             lines += [f"_{path.name}: not found; run the benchmark first._", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines).rstrip() + "\n")

@@ -119,3 +119,20 @@ def test_paired_also_compares_the_other_metrics_on_the_seeds_that_recorded_them(
     assert loss["diff_mean"] == pytest.approx(diffs.mean(), abs=1e-15)
     assert loss["diff_se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(2), abs=1e-15)
     assert set(out["other_metrics"]) == {"eval_loss"}  # not the paired metric itself, not macro-F1
+
+
+def test_report_renders_the_paired_rows_with_their_other_metrics(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(BENCH))
+    runs = [dict(r, macro_f1=0.5, eval_loss=1.0 + r["seed"] / 10 + (0.2 if r["variant"] == "b" else 0)) for r in RUNS]
+    part, out = tmp_path / "part.json", tmp_path / "merged.json"
+    part.write_text(json.dumps({"runs": runs}))
+    assert quality.main(["--merge", str(part), "--paired", "a:b", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    [row] = [line for line in report.quality_section(data) if line.startswith("| a - b |")]
+    diffs = np.array([A[s] - B[s] for s in (0, 1, 2)], dtype=np.float64)
+    assert f"| 3 | {100 * diffs.mean():+.2f} (SE {100 * diffs.std(ddof=1) / np.sqrt(3):.2f}) | 2 / 1 / 0 |" in row
+    assert "held-out loss -0.200 (SE 0.000) on 3 seeds" in row
