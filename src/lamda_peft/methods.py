@@ -49,7 +49,8 @@ def _wrap_lamda(model, s: TrainSettings, targets, modules_to_save, model_path, c
     """get_lamda_model from the settings; a calibrated init's input problems become a CLIError (no traceback)."""
     try:
         cfg = _lamda_config(s, targets, modules_to_save, model_path, **quant)
-        return get_lamda_model(model, cfg, calibration=calibration)
+        budget = None if s.calibration_memory_mb is None else int(s.calibration_memory_mb * 2**20)
+        return get_lamda_model(model, cfg, calibration=calibration, calibration_max_bytes=budget)
     except ValueError as err:  # ConfigError (targets, ranks) and QuantizationError already read well
         if s.init in CALIBRATED_INITS and not isinstance(err, (ConfigError, QuantizationError)):
             raise CLIError(f"--init {s.init}: {err}") from None

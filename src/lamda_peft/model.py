@@ -16,7 +16,7 @@ from torch import nn
 
 from lamda_peft.config import ConfigError, LamdaConfig
 from lamda_peft.hooks import evaluating
-from lamda_peft.layer import LamdaLinear, is_conv1d, linear_shape, torch_layout_weight
+from lamda_peft.layer import LamdaLinear, linear_shape, torch_layout_weight
 from lamda_peft.quantization import (
     QuantizationError,
     build_quantized_layers,
@@ -305,28 +305,99 @@ CALIBRATED_INITS = ("activation", "gradient")  # inits that read calibration dat
 
 
 def weight_gradients(
-    model: nn.Module, names: list[str], calibration, batch_moment: bool = False
+    model: nn.Module, names: list[str], calibration, batch_moment: bool = False, max_bytes: int | None = None
 ) -> dict[str, torch.Tensor]:
     """dL/dW (float32, (d_out, d_in) layout) of each named linear, summed over the calibration batches.
 
-    Memory: one gradient per named weight (as one full fine-tuning step holds), no second copy.
     With `batch_moment`, sum_b G_b^T G_b (float32, (d_in, d_in)) over the batches instead.
 
+    No weight takes a gradient: a forward hook keeps each target's input x, and a hook on its output's
+    gradient g adds g^T x (in float32; float64 for a float64 model) to that target's sum. So the
+    memory is the float32 sums alone, never a gradient in the weight's own dtype beside them (a bf16
+    model would otherwise hold both). `max_bytes` bounds the sums held at once: the targets are then
+    calibrated in groups (`calibration_groups`), one pass over the batches per group, with the same
+    sums as one pass (bitwise: each target's additions happen in the same order).
+
     `calibration` is an iterable of keyword batches with labels, so that `model(**batch).loss`
-    exists. Runs in eval mode (no dropout); only the named weights take gradients, and every
-    parameter's `requires_grad` and `.grad` are as they were afterwards.
+    exists. Runs in eval mode (no dropout); every parameter's `requires_grad` and `.grad` are as
+    they were afterwards.
     """
     modules = {n: model.get_submodule(n) for n in names}
-    flags = {p: (p.requires_grad, p.grad) for p in model.parameters()}
+    sizes = {n: _gradient_sum_bytes(m, batch_moment) for n, m in modules.items()}
+    groups = calibration_groups(sizes, max_bytes)
+    if len(groups) > 1:
+        calibration = list(calibration)  # read once per group
     sums: dict[str, torch.Tensor] = {}
+    for group in groups:
+        sums.update(_gradient_pass(model, {n: modules[n] for n in group}, calibration, batch_moment))
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise ValueError(f"init='gradient': the loss does not depend on {missing[:3]} (no gradient reached them)")
+    return sums
+
+
+def _gradient_sum_bytes(module: nn.Module, batch_moment: bool) -> int:
+    """float32 bytes a target's calibration sum holds (and, for the moment, this batch's G_b)."""
+    d_out, d_in = linear_shape(module)
+    return 4 * (d_in * d_in + d_out * d_in if batch_moment else d_out * d_in)
+
+
+def calibration_groups(sizes: dict[str, int], max_bytes: int | None) -> list[list[str]]:
+    """The targets split, in order, into groups whose sums fit in `max_bytes` (None: one group).
+
+    A target whose sum alone is larger than `max_bytes` is a group of its own.
+    """
+    if max_bytes is None:
+        return [list(sizes)] if sizes else []
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    groups: list[list[str]] = []
+    used = 0
+    for name, size in sizes.items():
+        if not groups or used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def _gradient_pass(
+    model: nn.Module, modules: dict[str, nn.Module], calibration, batch_moment: bool
+) -> dict[str, torch.Tensor]:
+    """One pass over the batches: each module's summed g^T x (or sum_b G_b^T G_b), see `weight_gradients`."""
     device = next(model.parameters()).device
+    # A zero added to each target's output puts it in the autograd graph while no parameter trains
+    lift = torch.zeros((), device=device, requires_grad=True)
+    sums: dict[str, torch.Tensor] = {}
+    batch_sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def capture(module, args, output):
+            if not torch.is_grad_enabled():
+                return None
+            x = args[0].detach()
+
+            def accumulate(g: torch.Tensor) -> None:
+                acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+                gT, xs = g.reshape(-1, g.shape[-1]).to(acc).T, x.reshape(-1, x.shape[-1]).to(acc)
+                into = batch_sums if batch_moment else sums  # the moment needs this batch's G_b alone
+                if name in into:
+                    into[name].addmm_(gT, xs)  # += g^T x, (d_out, d_in), no second (d_out, d_in) tensor
+                else:
+                    into[name] = gT @ xs
+
+            output = output + lift
+            output.register_hook(accumulate)
+            return output
+
+        return capture
+
+    flags = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     try:
         for p in flags:
             p.requires_grad_(False)
-            p.grad = None
-        for m in modules.values():
-            m.weight.requires_grad_(True)
-        with evaluating(model):
+        with evaluating(model, {m: hook(n) for n, m in modules.items()}):
             for batch in calibration:
                 batch = _batch_to(batch, device)
                 out = model(**batch)
@@ -335,39 +406,21 @@ def weight_gradients(
                     raise ValueError(
                         "init='gradient': model(**batch) returned no loss; the calibration batches need labels"
                     )
-                loss.backward()
-                for n, m in modules.items():
-                    if m.weight.grad is None:
-                        continue
-                    if batch_moment:  # this batch's G_b^T G_b, then its gradient is dropped
-                        g = torch_layout_weight_grad(m).to(torch.float32)
-                        sums[n] = sums[n].addmm_(g.T, g) if n in sums else g.T @ g
-                        m.weight.grad = None
-                    elif m.weight.grad.dtype not in (torch.float32, torch.float64):
-                        # float32/float64 gradients accumulate in .grad across batches (one gradient per
-                        # weight held, not two); half-precision ones are summed here in float32
-                        g = torch_layout_weight_grad(m).to(torch.float32)
-                        sums[n] = sums[n] + g if n in sums else g
-                        m.weight.grad = None
-        for n, m in modules.items():
-            if m.weight.grad is not None:
-                sums[n] = torch_layout_weight_grad(m).to(torch.float32)
+                if loss.requires_grad:  # else no target reaches the loss: reported as missing below
+                    loss.backward()
+                for n, G in batch_sums.items():  # batch_moment: this batch's G_b^T G_b
+                    sums[n] = sums[n].addmm_(G.T, G) if n in sums else G.T @ G
+                batch_sums.clear()
     finally:
         for p, (flag, grad) in flags.items():
             p.requires_grad_(flag)
             p.grad = grad
-    missing = [n for n in names if n not in sums]
-    if missing:
-        raise ValueError(f"init='gradient': the loss does not depend on {missing[:3]} (no gradient reached them)")
-    return sums
+    return {n: t.to(torch.float32) for n, t in sums.items()}
 
 
-def torch_layout_weight_grad(module: nn.Module) -> torch.Tensor:
-    """The gradient of the module's weight in (d_out, d_in) layout (transposed for `Conv1D`)."""
-    return module.weight.grad.T if is_conv1d(module) else module.weight.grad
-
-
-def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[str, SpectralFactors]:
+def calibrated_init(
+    model: nn.Module, config: LamdaConfig, calibration, max_bytes: int | None = None
+) -> dict[str, SpectralFactors]:
     """init="activation" / "gradient": each target's A, B0, S0 from the model's behaviour on `calibration`.
 
     "activation": A on the top-r principal directions of the layer's inputs (`activation_factors`).
@@ -395,7 +448,8 @@ def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[
         # B0 = 0: a quantized base will be Q(W) itself, so the gradient is taken on that model
         view = weights_as_quantized(model, targets, config) if config.quantize else contextlib.nullcontext()
         with view:
-            stats = weight_gradients(model, targets, calibration, batch_moment=config.gradient_stat == "batch_moment")
+            moment = config.gradient_stat == "batch_moment"
+            stats = weight_gradients(model, targets, calibration, batch_moment=moment, max_bytes=max_bytes)
     else:
         stats = input_covariances(model, targets, calibration)
     factors = {}
@@ -413,7 +467,9 @@ def calibrated_init(model: nn.Module, config: LamdaConfig, calibration) -> dict[
     return factors
 
 
-def get_lamda_model(model: nn.Module, config: LamdaConfig, calibration=None) -> LamdaModel:
+def get_lamda_model(
+    model: nn.Module, config: LamdaConfig, calibration=None, calibration_max_bytes: int | None = None
+) -> LamdaModel:
     """Wrap `model` with LaMDA adapters described by `config`.
 
     Everything is frozen except each adapter's S core, its B (until the schedule freezes it) and
@@ -421,7 +477,9 @@ def get_lamda_model(model: nn.Module, config: LamdaConfig, calibration=None) -> 
     `rank_pattern` yet, ranks are allocated from the pretrained spectra first and stored in the
     config's `rank_pattern`. With `config.init` "activation" or "gradient", `calibration` (keyword
     batches for `model(**batch)`, e.g. a few hundred training rows; with labels for "gradient")
-    sets each A; reloading needs none.
+    sets each A; reloading needs none. `calibration_max_bytes` bounds the float32 gradient sums that
+    init="gradient" holds at once (`weight_gradients`: the targets are then taken in groups, one
+    pass over `calibration` each; default: all in one pass).
     """
     if config.rank_allocation == "energy" and not config.rank_pattern:
         from lamda_peft.rank_allocation import allocate_model_ranks
@@ -429,4 +487,4 @@ def get_lamda_model(model: nn.Module, config: LamdaConfig, calibration=None) -> 
         config.rank_pattern = allocate_model_ranks(model, config).ranks
     if config.init not in CALIBRATED_INITS:
         return LamdaModel(model, config)
-    return LamdaModel(model, config, factors=calibrated_init(model, config, calibration))
+    return LamdaModel(model, config, factors=calibrated_init(model, config, calibration, calibration_max_bytes))

@@ -124,6 +124,11 @@ class TrainSettings:
         "eigenvectors of sum_b G_b^T G_b over --batch-size calibration batches)",
         choices=["sum", "batch_moment"],
     )
+    calibration_memory_mb: float | None = _f(
+        None,
+        "init gradient: most MiB of float32 gradient sums held at once; the targets are then calibrated in "
+        "groups, one pass over --calibration-rows each (same A). Default: all targets in one pass",
+    )
     # --head-init probe on MiniLM + drug reviews (LaMDA defaults, seeds 0-5): macro-F1 0.520 against 0.465,
     # accuracy 0.704 against 0.714 (README, "Two more ways..."); on NF4 (10 seeds) 0.715 against 0.711:
     # opt-in, not the default
@@ -212,6 +217,10 @@ class TrainSettings:
             (self.max_target_length >= 1, "max_target_length must be >= 1"),
             (self.loftq_iters >= 0, "loftq_iters must be >= 0"),
             (self.calibration_rows >= 1, "calibration_rows must be >= 1"),
+            (
+                self.calibration_memory_mb is None or self.calibration_memory_mb > 0,
+                "calibration_memory_mb must be > 0",
+            ),
             (
                 self.head_init == "random" or self.task in ("classification", "regression"),
                 f"--head-init probe applies to --task classification or regression, not {self.task}",
