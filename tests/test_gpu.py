@@ -164,3 +164,20 @@ def test_qlamda_nf4_on_the_gpu(tmp_path):
         before = quantized(**batch).logits.clone()
         lamda = get_lamda_model(quantized, LamdaConfig(r=8, target_modules=names))
         assert torch.equal(lamda(**batch).logits, before)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_qlamda_int8_on_a_model_already_on_the_gpu():
+    """bitsandbytes' Int8Params quantizes only on a move from the CPU: a weight already on the GPU must
+    still end up int8 with its scales (quantize_linear starts it on the CPU)."""
+    from lamda_peft.quantization import dequantized_weight
+
+    batch = _on(_batch(), CUDA)
+    with torch.no_grad():
+        reference = tiny_llama().to(CUDA)(**batch).logits
+        model = get_lamda_model(tiny_llama().to(CUDA), LamdaConfig(r=8, target_modules="all-linear", quantize="int8"))
+        for _, layer in model.lamda_layers():
+            assert layer.base_layer.weight.dtype == torch.int8 and layer.base_layer.weight.device.type == "cuda"
+            assert dequantized_weight(layer.base_layer).isfinite().all()
+        err = (model(**batch).logits - reference).norm() / reference.norm()
+    assert err < 0.05

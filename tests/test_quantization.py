@@ -481,3 +481,81 @@ def test_weights_as_quantized_shows_q_inside_and_restores_w_bitwise(quantize, ba
         raise RuntimeError("calibration failed")
     for name in ("l1", "l2", "head"):
         assert torch.equal(getattr(model, name).weight, getattr(original, name).weight), name
+
+
+# -- a wrong modules_to_save, the delta form on a full-precision base, merge while disabled, resume ----
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_unknown_modules_to_save_is_refused_before_anything_changes(quantize):
+    model = Tiny()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = LamdaConfig(r=4, target_modules=["l1", "l2"], modules_to_save=["nope"], quantize=quantize)
+    with pytest.raises(ConfigError, match="modules_to_save entry 'nope' matches no single module"):
+        get_lamda_model(model, cfg)
+    assert all(type(m) is nn.Linear for m in (model.l1, model.l2, model.head))
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert cfg.quantized_residual_sha256 == {}
+
+
+def test_int8_merge_and_unload_of_a_bf16_model_stays_bf16():
+    """bitsandbytes dequantizes int8 to float32; the merged layers keep the model's bf16."""
+    x = _x().bfloat16()
+    model = get_lamda_model(Tiny().bfloat16(), _config("int8"))
+    _train(model, x, 2, total=10)
+    with torch.no_grad():
+        out = model(x).float()
+        plain = model.merge_and_unload()
+        assert plain.l1.weight.dtype == plain.l2.weight.dtype == torch.bfloat16
+        merged = plain(x)
+    assert merged.dtype == torch.bfloat16
+    torch.testing.assert_close(merged.float(), out, atol=5e-2, rtol=5e-2)
+
+
+def test_adapter_of_an_already_quantized_model_is_refused_on_the_full_precision_base(tmp_path):
+    base = quantize_model_linears(Tiny(), ["l1", "l2"], "nf4")
+    model = get_lamda_model(base, LamdaConfig(r=8, target_modules=["l1", "l2"], modules_to_save=["head"]))
+    _train(model, _x(), 2, total=10)
+    model.save_pretrained(tmp_path / "adapter")
+    full = Tiny()
+    state = {k: v.clone() for k, v in full.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match="trained on a quantized base"):
+        LamdaModel.from_pretrained(full, tmp_path / "adapter")
+    assert all(type(m) is nn.Linear for m in (full.l1, full.l2, full.head))
+    assert all(p.requires_grad for p in full.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in full.state_dict().items())
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_merge_inside_disable_adapter_is_refused(quantize):
+    x = _x()
+    model = get_lamda_model(Tiny(), _config(quantize))
+    _train(model, x, 2, total=10)
+    out = model(x).detach()
+    with model.disable_adapter(), pytest.raises(RuntimeError, match="inside disable_adapter"):
+        model.merge()
+    assert not any(layer.merged for _, layer in model.lamda_layers())
+    assert torch.equal(model(x), out)
+
+
+def test_resume_on_other_quantization_settings_is_refused(tmp_path):
+    from lamda_peft.checkpoint import load_adapter_state
+
+    x = _x()
+    model = get_lamda_model(Tiny(), _config("nf4"))
+    _train(model, x, 2, total=10)
+    model.save_pretrained(tmp_path / "ckpt")
+    for other, match in (
+        (_config("fp4"), "quantize='nf4'"),
+        (_config("nf4", quant_blocksize=128), "quant_blocksize=64"),
+        (_config("int8"), "quantize='nf4'"),
+    ):
+        resumed = get_lamda_model(Tiny(), other)
+        before = {k: v.clone() for k, v in resumed.adapter_state_dict().items()}
+        with pytest.raises(AdapterLoadError, match=match):
+            load_adapter_state(resumed, tmp_path / "ckpt")
+        assert all(torch.equal(v, before[k]) for k, v in resumed.adapter_state_dict().items())
+    with pytest.raises(AdapterLoadError, match="quantized bases differ"):  # same settings, another base
+        load_adapter_state(get_lamda_model(Tiny(seed=5), _config("nf4")), tmp_path / "ckpt")
+    same = get_lamda_model(Tiny(), _config("nf4"))
+    load_adapter_state(same, tmp_path / "ckpt")
+    assert torch.equal(same(x), model(x))

@@ -37,6 +37,8 @@ from lamda_peft.spectral import SpectralFactors
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "lamda-peft/1"
 _ADAPTER_KEYS = ("lamda_A", "lamda_B0", "lamda_S0", "lamda_dS", "lamda_dB", "lamda_frozen", "lamda_step")
+# Config fields that decide the frozen base a checkpoint's adapter was trained on (resumption compares them)
+_QUANT_FIELDS = ("quantize", "quant_backend", "quant_blocksize", "loftq_iters", "quantized_residual_sha256")
 DEFAULT_MAX_FILE_BYTES = 8 * 2**30  # a user can raise it: load_adapter(..., max_file_bytes=...)
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on the JSON header
 MAX_CONFIG_BYTES = 16 * 2**20  # adapter_config.json: a rank_pattern for thousands of modules fits
@@ -324,6 +326,19 @@ def load_adapter_state(lamda_model, directory: str | Path, max_file_bytes: int =
     directory = Path(directory)
     config = _load_config(directory)
     tensors = _read_tensors(directory / WEIGHTS_NAME, _config_bytes(config), max_file_bytes)
+    for field in _QUANT_FIELDS:  # the same factors can sit on another base: nf4 vs int8, another block size
+        saved, current = getattr(config, field), getattr(lamda_model.config, field)
+        if saved == current:
+            continue
+        if isinstance(saved, dict):
+            raise AdapterLoadError(
+                f"{directory}: the checkpoint's quantized bases differ from this model's ({field} mismatch): "
+                "resume on the same base model with the same quantization settings"
+            )
+        raise AdapterLoadError(
+            f"{directory}: checkpoint was trained with {field}={saved!r}, this model has {field}={current!r}: "
+            "resume with the same quantization settings"
+        )
     own = adapter_state_dict(lamda_model)
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))

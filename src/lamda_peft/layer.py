@@ -314,6 +314,8 @@ class LamdaLinear(nn.Module):
         """Fold scaling*B S A into the base weight. Merging a merged layer is a no-op."""
         if self.merged:
             return
+        if self.disabled:  # disable_adapter() refuses a merged model; merging inside it would be its mirror
+            raise RuntimeError("merge() inside disable_adapter(): leave the block first")
         with torch.no_grad():
             w = torch_layout_weight(self.base_layer)
             self._write_base((w.float() + self.delta_weight().float()).to(w.dtype))

@@ -100,6 +100,15 @@ class LamdaModel(nn.Module):
         targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
         if factors is None:
             check_ranks(model, config, targets)
+        to_save = [self._module_to_save(name) for name in config.modules_to_save or []]  # before any change
+        if reload and config.quantized_residual_sha256 and not uses_quantization(model, targets, config):
+            from lamda_peft.checkpoint import AdapterLoadError
+
+            raise AdapterLoadError(
+                f"this adapter was trained on a quantized base ({len(config.quantized_residual_sha256)} modules "
+                "with a quantized_residual_sha256), but this model's targets are full precision and the config "
+                "asks for no quantize: load it onto the quantized model it was trained on"
+            )
         # Quantized bases (issue 11) are built first and checked whole: an error modifies nothing.
         quantized = (
             build_quantized_layers(model, targets, config, factors, reload)
@@ -122,8 +131,8 @@ class LamdaModel(nn.Module):
                 f = initial_factors(weight, r, config)
             layer = LamdaLinear(base, f, scaling, dropout=config.dropout, freeze_order=config.freeze_order)
             _set_submodule(model, name, layer)
-        for name in config.modules_to_save or []:
-            for p in self._module_to_save(name).parameters():
+        for module in to_save:
+            for p in module.parameters():
                 p.requires_grad_(True)
 
     def _module_to_save(self, name: str) -> nn.Module:

@@ -184,6 +184,21 @@ def weights_as_quantized(model: nn.Module, names: list[str], config):
                 torch_layout_weight(model.get_submodule(name)).copy_(original)
 
 
+def merged_dtype(module: nn.Module, dequantized: torch.Tensor) -> torch.dtype:
+    """The dtype a merge gives the full-precision layer replacing a quantized one: the model's own.
+
+    A 4-bit or torchao weight dequantizes to its original dtype, but bitsandbytes' int8 always to
+    float32, which a bf16/fp16 model's activations could not multiply. So: the dtype `quantize_linear`
+    recorded, else the bias's (an int8 layer of a model quantized elsewhere), else the dequantized one.
+    """
+    recorded = getattr(module, "lamda_compute_dtype", None)
+    if recorded is not None:
+        return recorded
+    if quantized_format(module) == "bnb8" and getattr(module, "bias", None) is not None:
+        return module.bias.dtype
+    return dequantized.dtype
+
+
 def quantize_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -227,12 +242,15 @@ def quantize_linear(
         # LLM.int8 with transformers' default outlier threshold (load_in_8bit): activations are
         # rounded to int8 too at inference, except the outlier features above the threshold.
         module = bnb.nn.Linear8bitLt(d_in, d_out, bias=bias is not None, has_fp16_weights=False, threshold=6.0)
-        module.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        # Int8Params quantizes only on a move *from the CPU* (bitsandbytes 0.50): a weight already on a
+        # GPU would stay unquantized, with no scales. So it starts on the CPU and is quantized on the move.
+        module.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
     else:
         raise QuantizationError(f"quantize must be one of {list(QUANT_TYPES)}, got {quantize!r}")
     if bias is not None:
         module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     module = module.to(device)  # bitsandbytes quantizes on this move
+    module.lamda_compute_dtype = dtype  # what `merged_dtype` gives a merge (int8 dequantizes to float32)
     keep_trainable_layout(module)
     return module.requires_grad_(False)
 
@@ -325,14 +343,17 @@ class QuantizedLamdaLinear(LamdaLinear):
         """
         if self.merged:
             return
+        if self.disabled:  # the delta would be the disabled one (zero, or the init's): the training lost
+            raise RuntimeError("merge() inside disable_adapter(): leave the block first")
         q = self.base_layer
         with torch.no_grad():
             w_q = dequantized_weight(q)
-            merged = (w_q.float() + self.delta_weight().float().to(w_q.device)).to(w_q.dtype)
-            dense = nn.Linear(self.d_in, self.d_out, bias=q.bias is not None, device="meta", dtype=w_q.dtype)
+            dtype = merged_dtype(q, w_q)
+            merged = (w_q.float() + self.delta_weight().float().to(w_q.device)).to(dtype)
+            dense = nn.Linear(self.d_in, self.d_out, bias=q.bias is not None, device="meta", dtype=dtype)
             dense.weight = nn.Parameter(merged, requires_grad=False)
             if q.bias is not None:
-                dense.bias = nn.Parameter(q.bias.detach().clone().to(w_q.dtype), requires_grad=False)
+                dense.bias = nn.Parameter(q.bias.detach().clone().to(dtype), requires_grad=False)
         object.__setattr__(self, "_quantized_base", q)  # unregistered: not in state_dict while merged
         self.base_layer = dense
         self.merged = True
@@ -420,7 +441,7 @@ def build_quantized_layers(
             )
         if kind is not None:
             require_backend("torchao" if kind == "torchao" else "bitsandbytes")
-    layers, digests = {}, {}
+    parts, digests = {}, {}
     for name in targets:
         module = model.get_submodule(name)
         r = config.rank_for(name)
@@ -445,9 +466,15 @@ def build_quantized_layers(
                     f"module {name!r}: the quantized base rebuilt here differs from the one this adapter was trained "
                     "against (SHA-256 mismatch): a different base model, or a different quantization library build"
                 )
-        layers[name] = QuantizedLamdaLinear(
-            q, f, scaling, delta_form=delta_form, dropout=config.dropout, freeze_order=config.freeze_order
+        parts[name] = (q, f, scaling, delta_form)
+    # Every digest checked: only now are the model's own modules touched (a delta-form layer
+    # freezes and re-flags the quantized module it wraps)
+    layers = {
+        name: QuantizedLamdaLinear(
+            q, f, scaling, delta_form=delta, dropout=config.dropout, freeze_order=config.freeze_order
         )
+        for name, (q, f, scaling, delta) in parts.items()
+    }
     if not reload:
         config.quantized_residual_sha256 = digests
     return layers
