@@ -266,3 +266,16 @@ def test_batch_moment_is_the_float64_sum_of_per_batch_gram_matrices_and_a_its_to
         torch.testing.assert_close(model(**batch).logits, expected_out, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="gradient_stat"):
         LamdaConfig(r=4, init="gradient", gradient_stat="mean")
+
+
+def test_quantize_with_a_target_it_cannot_quantize_fails_before_the_calibration_pass():
+    pytest.importorskip("bitsandbytes")
+    from lamda_peft.quantization import QuantizationError
+
+    def never():
+        raise AssertionError("the calibration batches were read")
+        yield
+
+    cfg = LamdaConfig(r=4, target_modules="all-linear", init="gradient", quantize="nf4")
+    with pytest.raises(QuantizationError, match="has a torch.float64 weight"):
+        get_lamda_model(tiny_bert().double(), cfg, calibration=never())

@@ -516,6 +516,12 @@ def test_adapter_of_an_already_quantized_model_is_refused_on_the_full_precision_
     model = get_lamda_model(base, LamdaConfig(r=8, target_modules=["l1", "l2"], modules_to_save=["head"]))
     _train(model, _x(), 2, total=10)
     model.save_pretrained(tmp_path / "adapter")
+    assert base.is_loaded_in_4bit
+    merged = get_lamda_model(
+        quantize_model_linears(Tiny(), ["l1", "l2"], "nf4"), LamdaConfig(r=8, target_modules=["l1", "l2"])
+    )
+    plain = merged.merge_and_unload()
+    assert type(plain.l1) is nn.Linear and not plain.is_loaded_in_4bit  # full precision again: not flagged as 4-bit
     full = Tiny()
     state = {k: v.clone() for k, v in full.state_dict().items()}
     with pytest.raises(AdapterLoadError, match="trained on a quantized base"):

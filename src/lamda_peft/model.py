@@ -20,6 +20,7 @@ from lamda_peft.layer import LamdaLinear, linear_shape, torch_layout_weight
 from lamda_peft.quantization import (
     QuantizationError,
     build_quantized_layers,
+    check_quantizable,
     quantized_format,
     uses_quantization,
     weights_as_quantized,
@@ -234,6 +235,12 @@ class LamdaModel(nn.Module):
         for name, layer in list(self.lamda_layers()):
             layer.merge()
             _set_submodule(self.model, name, layer.base_layer)
+        if not any(quantized_format(m) for m in self.model.modules()):
+            # every quantized target was merged into full precision: the flags by which PEFT and
+            # transformers treat a model as quantized (set by `quantize_model_linears`) no longer hold
+            for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+                if getattr(self.model, flag, False):
+                    setattr(self.model, flag, False)
         return self.model
 
     @contextlib.contextmanager
@@ -453,6 +460,8 @@ def calibrated_init(
             "init='spectral'"
         )
     check_ranks(model, config, targets)  # before the calibration pass
+    if config.quantize:
+        check_quantizable(model, targets, config)  # a Conv1D or float64 target, named before it, not after
     if config.init == "gradient":
         # B0 = 0: a quantized base will be Q(W) itself, so the gradient is taken on that model
         view = weights_as_quantized(model, targets, config) if config.quantize else contextlib.nullcontext()

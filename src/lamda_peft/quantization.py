@@ -396,29 +396,13 @@ def _residual_with_loftq(weight, bias, r, scaling, config, factors=None):
     return factors, q
 
 
-def build_quantized_layers(
-    model: nn.Module,
-    targets: list[str],
-    config,
-    factors: dict[str, SpectralFactors] | None = None,
-    reload: bool = False,
-) -> dict[str, QuantizedLamdaLinear]:
-    """A `QuantizedLamdaLinear` for every target, without modifying the model.
+def check_quantizable(model: nn.Module, targets: list[str], config) -> None:
+    """Raise `QuantizationError` naming the first target that this config cannot quantize or adapt.
 
-    Fresh build (`reload` False): factors from the SVD (and LoftQ), or the given calibrated ones
-    (init "activation" / "gradient"); digests written into `config.quantized_residual_sha256`.
-    Reload (`reload` True, `factors` from the saved adapter): the quantized bases are rebuilt from
-    the saved factors and must match the config's digests bitwise.
-
-    Raises:
-        QuantizationError: a target cannot be quantized (HF Conv1D, a float64 weight), or quantize
-            is asked for on an already-quantized model.
-        AdapterLoadError: a rebuilt quantized base differs from the one the adapter was saved with.
+    Also run by the calibrated inits before their calibration pass, so that a bad target is named
+    before minutes of forward and backward passes, not after.
     """
-    from lamda_peft.checkpoint import AdapterLoadError
-    from lamda_peft.model import initial_factors
-
-    for name in targets:  # every check first: an error leaves the model as it was
+    for name in targets:
         module = model.get_submodule(name)
         kind = quantized_format(module)
         if kind is not None and config.quantize is not None:
@@ -441,6 +425,31 @@ def build_quantized_layers(
             )
         if kind is not None:
             require_backend("torchao" if kind == "torchao" else "bitsandbytes")
+
+
+def build_quantized_layers(
+    model: nn.Module,
+    targets: list[str],
+    config,
+    factors: dict[str, SpectralFactors] | None = None,
+    reload: bool = False,
+) -> dict[str, QuantizedLamdaLinear]:
+    """A `QuantizedLamdaLinear` for every target, without modifying the model.
+
+    Fresh build (`reload` False): factors from the SVD (and LoftQ), or the given calibrated ones
+    (init "activation" / "gradient"); digests written into `config.quantized_residual_sha256`.
+    Reload (`reload` True, `factors` from the saved adapter): the quantized bases are rebuilt from
+    the saved factors and must match the config's digests bitwise.
+
+    Raises:
+        QuantizationError: a target cannot be quantized (HF Conv1D, a float64 weight), or quantize
+            is asked for on an already-quantized model.
+        AdapterLoadError: a rebuilt quantized base differs from the one the adapter was saved with.
+    """
+    from lamda_peft.checkpoint import AdapterLoadError
+    from lamda_peft.model import initial_factors
+
+    check_quantizable(model, targets, config)  # every check first: an error leaves the model as it was
     parts, digests = {}, {}
     for name in targets:
         module = model.get_submodule(name)
