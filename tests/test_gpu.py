@@ -181,3 +181,18 @@ def test_qlamda_int8_on_a_model_already_on_the_gpu():
             assert dequantized_weight(layer.base_layer).isfinite().all()
         err = (model(**batch).logits - reference).norm() / reference.norm()
     assert err < 0.05
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_a_merged_qlamda_model_moved_to_the_gpu_unmerges_there():
+    """The quantized base kept aside by merge() moves with the model, so unmerge() works on the new device."""
+    batch = _batch()
+    model = get_lamda_model(tiny_llama(), LamdaConfig(r=8, target_modules="all-linear", quantize="nf4")).eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        model.merge()
+        model.to(CUDA)
+        model.unmerge()
+        _assert_all_on_cuda(model)
+        got = model(**_on(batch, CUDA)).logits.cpu()
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)

@@ -565,3 +565,12 @@ def test_resume_on_other_quantization_settings_is_refused(tmp_path):
     same = get_lamda_model(Tiny(), _config("nf4"))
     load_adapter_state(same, tmp_path / "ckpt")
     assert torch.equal(same(x), model(x))
+
+
+def test_moving_a_merged_model_reaches_the_quantized_base_kept_for_unmerge():
+    model = get_lamda_model(Tiny(), _config("nf4"))
+    model.merge()
+    model.to(torch.bfloat16)  # the GPU version of this (merge, .to(cuda), unmerge) is in test_gpu.py
+    model.unmerge()
+    for _, layer in model.lamda_layers():
+        assert layer.base_layer.bias.dtype == torch.bfloat16

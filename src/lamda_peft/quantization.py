@@ -358,6 +358,14 @@ class QuantizedLamdaLinear(LamdaLinear):
         self.base_layer = dense
         self.merged = True
 
+    def _apply(self, fn, recurse=True):
+        # `.to(device)`, `.cuda()`, `.half()` while merged reach the quantized base kept aside for
+        # `unmerge`, which is not a registered submodule then (so that it stays out of the state dict)
+        stashed = self.__dict__.get("_quantized_base")
+        if stashed is not None:
+            stashed._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
     def unmerge(self) -> None:
         """Put the quantized base back (bitwise the one before `merge`)."""
         if not self.merged:
