@@ -574,3 +574,14 @@ def test_moving_a_merged_model_reaches_the_quantized_base_kept_for_unmerge():
     model.unmerge()
     for _, layer in model.lamda_layers():
         assert layer.base_layer.bias.dtype == torch.bfloat16
+
+
+def test_weights_as_quantized_quantizes_a_tied_weight_once_and_restores_w():
+    from lamda_peft.quantization import weights_as_quantized
+
+    model, original = Tiny(), Tiny()
+    model.l2.weight = model.l1.weight  # tied: two targets, one tensor
+    expected = dequantized_weight(quantize_linear(original.l1.weight, None, "nf4")).float()
+    with weights_as_quantized(model, ["l1", "l2"], _config("nf4")):
+        assert torch.equal(model.l1.weight, expected)  # Q(W), not Q(Q(W))
+    assert torch.equal(model.l1.weight, original.l1.weight) and model.l2.weight is model.l1.weight

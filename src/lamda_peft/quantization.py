@@ -168,11 +168,14 @@ def weights_as_quantized(model: nn.Module, names: list[str], config):
     from lamda_peft.layer import torch_layout_weight
 
     require_backend(config.quant_backend, config.quantize)
-    saved = {}
+    saved, seen = {}, set()
     try:
         with torch.no_grad():
             for name in names:
                 w = torch_layout_weight(model.get_submodule(name))
+                if w.data_ptr() in seen:  # a weight two targets share (tied): quantized once, restored once
+                    continue
+                seen.add(w.data_ptr())
                 q = quantize_linear(w, None, config.quantize, config.quant_backend, config.quant_blocksize)
                 deq = dequantized_weight(q).to(w.dtype)
                 saved[name] = w.detach().clone()
