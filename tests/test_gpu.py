@@ -196,3 +196,12 @@ def test_a_merged_qlamda_model_moved_to_the_gpu_unmerges_there():
         _assert_all_on_cuda(model)
         got = model(**_on(batch, CUDA)).logits.cpu()
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_the_randomised_svd_leaves_the_cuda_generator_as_it_was():
+    """svd_lowrank is seeded for a deterministic A; the user's CUDA random stream must not be reseeded."""
+    torch.manual_seed(1234)
+    expected = torch.rand(4, device=CUDA)
+    torch.manual_seed(1234)
+    get_lamda_model(tiny_llama().to(CUDA), LamdaConfig(r=4, target_modules="all-linear", svd="lowrank"))
+    assert torch.equal(torch.rand(4, device=CUDA), expected)

@@ -132,3 +132,29 @@ def test_config_unknown_key_and_round_trip(tmp_path):
         LamdaConfig.from_dict({"r": 4, "rank_patern": {}})
     with pytest.raises(ConfigError, match="not a LaMDA adapter"):
         LamdaConfig.from_dict({"r": 4, "peft_type": "LORA"})
+
+
+def test_a_target_with_a_tied_weight_is_refused_and_nothing_changes():
+    """SmolLM2 and GPT-2 tie lm_head to the input embedding: W_res written into lm_head would change
+    the embedding too, and the model would no longer start as the base model."""
+    model = tiny_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"'lm_head' shares its weight with 'model.embed_tokens.weight'"):
+        get_lamda_model(model, LamdaConfig(r=4, target_modules=["lm_head", "q_proj"]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_failing_svd_modifies_nothing():
+    """Every factor is computed before the first layer is replaced: a weight the SVD cannot take
+    (non-finite) leaves the model exactly as it was, unfrozen."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(Exception):  # noqa: B017 - torch's own linalg error (or ValueError) is what the user sees
+        get_lamda_model(model, LamdaConfig(r=4, target_modules=["q_proj"], svd="full"))
+    assert not any(isinstance(m, LamdaLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if not v.isnan().any())
+    assert all(p.requires_grad for p in model.parameters())

@@ -66,6 +66,26 @@ def check_ranks(model: nn.Module, config: LamdaConfig, targets: list[str]) -> No
             )
 
 
+def check_untied(model: nn.Module, targets: list[str]) -> None:
+    """A ConfigError naming any target whose weight another module shares (tied embeddings).
+
+    LaMDA writes W_res into the target's weight: a tied input embedding would change with it, and
+    the model would no longer start as the base model.
+    """
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(f"{module_name}.{param_name}" if module_name else param_name)
+    for name in targets:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        others = [o for o in owners.get(id(weight), []) if o != f"{name}.weight"] if weight is not None else []
+        if others:
+            raise ConfigError(
+                f"module {name!r} shares its weight with {others[0]!r} (tied weights): adapting it would change "
+                "that module too; untie them first, or leave it out of target_modules"
+            )
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -102,6 +122,7 @@ class LamdaModel(nn.Module):
         if factors is None:
             check_ranks(model, config, targets)
         to_save = [self._module_to_save(name) for name in config.modules_to_save or []]  # before any change
+        check_untied(model, targets)
         if reload and config.quantized_residual_sha256 and not uses_quantization(model, targets, config):
             from lamda_peft.checkpoint import AdapterLoadError
 
@@ -116,6 +137,16 @@ class LamdaModel(nn.Module):
             if uses_quantization(model, targets, config)
             else {}
         )
+        # Every factor before any change: an SVD that fails (a non-finite weight) modifies nothing
+        plain = {}
+        for name in targets:
+            if name in quantized:
+                continue
+            weight = torch_layout_weight(model.get_submodule(name))
+            if factors is not None:
+                plain[name] = SpectralFactors(*(t.to(weight.device) for t in factors[name]))
+            else:
+                plain[name] = initial_factors(weight, config.rank_for(name), config)
         for p in model.parameters():
             p.requires_grad_(False)
         for name in targets:
@@ -123,14 +154,8 @@ class LamdaModel(nn.Module):
                 _set_submodule(model, name, quantized[name])
                 continue
             base = model.get_submodule(name)
-            r = config.rank_for(name)
-            scaling = config.alpha_for(name) / r
-            weight = torch_layout_weight(base)
-            if factors is not None:
-                f = SpectralFactors(*(t.to(weight.device) for t in factors[name]))
-            else:
-                f = initial_factors(weight, r, config)
-            layer = LamdaLinear(base, f, scaling, dropout=config.dropout, freeze_order=config.freeze_order)
+            scaling = config.alpha_for(name) / config.rank_for(name)
+            layer = LamdaLinear(base, plain[name], scaling, dropout=config.dropout, freeze_order=config.freeze_order)
             _set_submodule(model, name, layer)
         for module in to_save:
             for p in module.parameters():

@@ -53,12 +53,12 @@ def top_r_svd(
         raise ValueError(f"unknown SVD method {method!r}; expected 'auto', 'full' or 'lowrank'")
     w32 = weight.detach().to(torch.float32)
     q = min(r + max(8, r // 2), min(d_out, d_in))  # oversampling keeps the top-r error small
-    generator_state = torch.random.get_rng_state()
-    try:
+    # torch.manual_seed reseeds the CPU and every CUDA generator: all of them are restored afterwards,
+    # or every later dropout mask on the GPU would follow this seed, whatever the user's own
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)  # deterministic sketch: the same weight always gives the same A, B0
         U, sigma, V = torch.svd_lowrank(w32, q=q, niter=niter)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return U[:, :r], sigma[:r], V[:, :r].T
 
 
