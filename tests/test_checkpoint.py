@@ -135,3 +135,47 @@ def test_failed_write_keeps_previous_adapter(tmp_path, monkeypatch):
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", WEIGHTS_NAME]  # no temp left
     LamdaModel.from_pretrained(tiny_bert(), tmp_path)  # still loads
+
+
+def test_resume_refuses_other_run_settings_a_merged_model_and_a_negative_step(tmp_path):
+    """load_adapter_state (resumption): the same A, B0, S0 under another alpha or schedule would rescale
+    dS and dB or freeze B on another timetable; a merged model would later unmerge the wrong delta."""
+    from lamda_peft.checkpoint import load_adapter_state
+
+    model = trained_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    base = {"r": 4, "target_modules": "all-linear", "modules_to_save": ["classifier"]}
+    for change, match in (
+        ({"alpha": 16}, "alpha=None"),
+        ({"freeze_fraction": 0.9}, "freeze_fraction=0.3"),
+        ({"freeze_order": "smallest_first"}, "freeze_order='largest_first'"),
+        ({"dropout": 0.1}, "dropout=0.0"),
+    ):
+        other = get_lamda_model(tiny_bert(), LamdaConfig(**base, **change))
+        before = {k: v.clone() for k, v in other.adapter_state_dict().items()}
+        with pytest.raises(AdapterLoadError, match=match):
+            load_adapter_state(other, tmp_path / "ckpt")
+        assert all(torch.equal(v, before[k]) for k, v in other.adapter_state_dict().items())
+    merged = get_lamda_model(tiny_bert(), LamdaConfig(**base))
+    merged.merge()
+    with pytest.raises(AdapterLoadError, match="is merged; unmerge"):
+        load_adapter_state(merged, tmp_path / "ckpt")
+    tensors = load_file(tmp_path / "ckpt" / WEIGHTS_NAME)
+    key = next(k for k in tensors if k.endswith(".lamda_step"))
+    tensors[key] = torch.tensor(-3)
+    save_file(tensors, tmp_path / "ckpt" / WEIGHTS_NAME, metadata=_metadata(tmp_path / "ckpt"))
+    with pytest.raises(AdapterLoadError, match="lamda_step' is negative"):
+        load_adapter_state(get_lamda_model(tiny_bert(), LamdaConfig(**base)), tmp_path / "ckpt")
+    same = get_lamda_model(tiny_bert(), LamdaConfig(**base))
+    model.save_pretrained(tmp_path / "ckpt")
+    load_adapter_state(same, tmp_path / "ckpt")
+    ids = torch.randint(0, 100, (3, 9))
+    with torch.no_grad():
+        assert torch.equal(same.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _metadata(directory):
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        return f.metadata()

@@ -37,8 +37,12 @@ from lamda_peft.spectral import SpectralFactors
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "lamda-peft/1"
 _ADAPTER_KEYS = ("lamda_A", "lamda_B0", "lamda_S0", "lamda_dS", "lamda_dB", "lamda_frozen", "lamda_step")
-# Config fields that decide the frozen base a checkpoint's adapter was trained on (resumption compares them)
-_QUANT_FIELDS = ("quantize", "quant_backend", "quant_blocksize", "loftq_iters", "quantized_residual_sha256")
+# Config fields a checkpoint's tensors only make sense with (resumption compares them): the scaling
+# dS and dB were trained at, the schedule that froze B, and the frozen base they sit on
+_RUN_FIELDS = (
+    "r", "rank_pattern", "alpha", "alpha_pattern", "init", "dropout", "freeze_fraction", "freeze_order",
+    "quantize", "quant_backend", "quant_blocksize", "loftq_iters", "quantized_residual_sha256",
+)  # fmt: skip
 DEFAULT_MAX_FILE_BYTES = 8 * 2**30  # a user can raise it: load_adapter(..., max_file_bytes=...)
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on the JSON header
 MAX_CONFIG_BYTES = 16 * 2**20  # adapter_config.json: a rank_pattern for thousands of modules fits
@@ -326,18 +330,21 @@ def load_adapter_state(lamda_model, directory: str | Path, max_file_bytes: int =
     directory = Path(directory)
     config = _load_config(directory)
     tensors = _read_tensors(directory / WEIGHTS_NAME, _config_bytes(config), max_file_bytes)
-    for field in _QUANT_FIELDS:  # the same factors can sit on another base: nf4 vs int8, another block size
+    merged = [name for name, layer in lamda_model.lamda_layers() if layer.merged]
+    if merged:  # unmerge() would then take out the loaded delta, not the one that was merged
+        raise AdapterLoadError(f"{directory}: module {merged[0]!r} is merged; unmerge() before loading a checkpoint")
+    for field in _RUN_FIELDS:  # e.g. the same A, B0, S0 under another alpha, schedule or quantized base
         saved, current = getattr(config, field), getattr(lamda_model.config, field)
         if saved == current:
             continue
-        if isinstance(saved, dict):
+        if field == "quantized_residual_sha256":
             raise AdapterLoadError(
                 f"{directory}: the checkpoint's quantized bases differ from this model's ({field} mismatch): "
                 "resume on the same base model with the same quantization settings"
             )
         raise AdapterLoadError(
             f"{directory}: checkpoint was trained with {field}={saved!r}, this model has {field}={current!r}: "
-            "resume with the same quantization settings"
+            "resume with the settings the run started with"
         )
     own = adapter_state_dict(lamda_model)
     missing = sorted(set(own) - set(tensors))
@@ -354,6 +361,8 @@ def load_adapter_state(lamda_model, directory: str | Path, max_file_bytes: int =
             )
         if saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
             raise AdapterLoadError(f"{directory}: tensor {key!r} holds NaN or Inf values")
+        if key.endswith(".lamda_step") and int(saved) < 0:
+            raise AdapterLoadError(f"{directory}: {key!r} is negative ({int(saved)})")
         if key.endswith((".lamda_A", ".lamda_B0", ".lamda_S0")) and not torch.equal(saved, value):
             raise AdapterLoadError(
                 f"{directory}: frozen factor {key!r} differs from this model's: not the same base/init"
