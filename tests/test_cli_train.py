@@ -91,6 +91,10 @@ def test_refuses_existing_run_and_overwrites_on_request(tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert run_cli("train", "--output-dir", out, "--max-steps", "1") == 2
     assert "already holds a run" in capsys.readouterr().err
+    # --overwrite with a typo in --data: the error comes first, the finished run is still there
+    assert run_cli("train", "--output-dir", out, "--overwrite", "--data", tmp_path / "typo.csv") == 2
+    assert "typo.csv" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "{}"
     assert (
         run_cli(
             "train",

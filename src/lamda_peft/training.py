@@ -72,20 +72,26 @@ def _from_pretrained(loader, path: str, *args, **kwargs):
         ) from None
 
 
-def prepare_output_dir(s: TrainSettings) -> Path:
+def check_output_dir(s: TrainSettings) -> tuple[Path, list[str]]:
+    """(the output folder, the previous run's artifacts that --overwrite will remove); nothing is removed here."""
     out = Path(s.output_dir)
-    existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
     if s.resume:
-        return out
+        return out, []
+    existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
     if existing and not s.overwrite:
         raise CLIError(
             f"output directory {out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it or --resume to continue it"
         )
+    return out, existing
+
+
+def clear_output_dir(out: Path, existing: list[str]) -> None:
+    """Remove the previous run's artifacts: only once the model and the data have loaded, so that a
+    typo in --data or --model does not cost a finished run."""
     for name in existing:  # only our own artifacts are removed, never anything else in the folder
         target = out / name  # (tolerant: under `accelerate launch` every process does this at once)
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 class ProgressBar(TrainerCallback):
@@ -213,7 +219,8 @@ def run_training(s: TrainSettings) -> dict:
     """Train, evaluate and write everything to `s.output_dir`; returns the metrics."""
     s.validate()
     start = time.time()
-    out = prepare_output_dir(s)
+    out, stale = check_output_dir(s)
+    best_model = _best_model_args(s)  # its flag conflicts too are found before anything is removed
     resume = None
     if s.resume:
         resume = latest_checkpoint(out) if s.resume == "latest" else Path(s.resume)
@@ -283,6 +290,7 @@ def run_training(s: TrainSettings) -> dict:
         collator = causal_lm.SFTCollator(tokenizer.pad_token_id)
     if not train_rows or not eval_rows:
         raise CLIError(f"no usable rows after tokenization (train {len(train_rows)}, held-out {len(eval_rows)})")
+    clear_output_dir(out, stale)  # model, tokenizer and data all loaded: --overwrite may now remove the old run
     is_recursive = getattr(base, "recursive_config", None) is not None
     if not is_recursive:  # also on resume: the gradient init below must see the same head as the first run
         probe = _probe_head(base, head, train_rows, collator, s)
@@ -329,7 +337,7 @@ def run_training(s: TrainSettings) -> dict:
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
         **checkpointing,
-        **_best_model_args(s),
+        **best_model,
     )
     optimizers = (None, None)
     if is_lamda:
