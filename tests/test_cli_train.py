@@ -147,6 +147,39 @@ def test_config_file_unknown_key_and_precedence(tmp_path, capsys):
     cfg.write_text("r: 4\nlr: 0.1\n")
     s = settings_from_args(build_parser().parse_args(["train", "--config", str(cfg), "--lr", "0.5"]))
     assert (s.r, s.lr) == (4, 0.5)  # file over defaults, flags over file
+    # YAML reads 1e-3 as a string: converted by the field's type; null / "none" where a field allows it
+    cfg.write_text("lr: 1e-3\nhead_lr: none\nalpha: null\nr: '8'\nbatch_size: 4.0\n")
+    s = settings_from_args(build_parser().parse_args(["train", "--config", str(cfg)]))
+    assert (s.lr, s.head_lr, s.alpha, s.r, s.batch_size) == (1e-3, None, None, 8, 4)
+    s.validate()
+    s = settings_from_args(build_parser().parse_args(["train", "--head-lr", "none", "--alpha", "16"]))
+    assert (s.head_lr, s.alpha) == (None, 16.0)
+    for text, message in (
+        ("lr: fast\n", "lr must be a float or none, got 'fast'"),
+        ("r: 2.5\n", "r must be a int, got 2.5"),
+        ("r: null\n", "r must be a int, got null"),
+        ("quiet: 'yes'\n", "quiet must be a bool, got 'yes'"),
+    ):
+        cfg.write_text(text)
+        assert run_cli("train", "--config", cfg) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max-train-rows", "-1"], "max_train_rows must be >= 0"),
+        (["--max-eval-rows", "-2"], "max_eval_rows must be >= 0"),
+        (["--warmup-ratio", "1.0"], "warmup_ratio must be in [0, 1)"),
+        (["--head-lr=-1e-3"], "head_lr must be > 0"),
+        (["--alpha", "0"], "alpha must be > 0"),
+        (["--scheduler", "cosin"], "scheduler must be one of ['linear', 'cosine'"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_loads(tmp_path, capsys, flags, message):
+    assert run_cli("train", "--output-dir", tmp_path / "out", *flags) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

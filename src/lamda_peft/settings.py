@@ -217,6 +217,11 @@ class TrainSettings:
             (self.max_target_length >= 1, "max_target_length must be >= 1"),
             (self.loftq_iters >= 0, "loftq_iters must be >= 0"),
             (self.calibration_rows >= 1, "calibration_rows must be >= 1"),
+            (self.max_train_rows >= 0, "max_train_rows must be >= 0 (0 = all)"),
+            (self.max_eval_rows >= 0, "max_eval_rows must be >= 0 (0 = all)"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1) (a fraction of the steps)"),
+            (self.head_lr is None or self.head_lr > 0, "head_lr must be > 0 (or none: --lr)"),
+            (self.alpha is None or self.alpha > 0, "alpha must be > 0 (or none: r)"),
             (
                 self.calibration_memory_mb is None or self.calibration_memory_mb > 0,
                 "calibration_memory_mb must be > 0",
@@ -229,6 +234,11 @@ class TrainSettings:
         for ok, message in checks:
             if not ok:
                 raise CLIError(message)
+        from transformers.trainer_utils import SchedulerType
+
+        schedulers = [t.value for t in SchedulerType]
+        if self.scheduler not in schedulers:  # else a traceback from TrainingArguments, after the model loaded
+            raise CLIError(f"scheduler must be one of {schedulers}, got {self.scheduler!r}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -266,8 +276,46 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CLIError(f"config file {path} must hold a mapping of option: value")
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    unknown = sorted(set(data) - known)
+    fields = {f.name: f for f in dataclasses.fields(TrainSettings)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise CLIError(f"config file {path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    return data
+        raise CLIError(f"config file {path}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    return {k: coerce_value(fields[k], v, f"config file {path}") for k, v in data.items()}
+
+
+def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """A config file's value as the field's type: YAML reads `lr: 1e-3` as the string '1e-3'.
+
+    Numbers given as strings are converted; "none"/null is None where the field allows it;
+    anything else that is not of the field's type is a CLIError naming the key.
+    """
+    from lamda_peft.cli import CLIError
+
+    kind = str(f.type)
+    optional = "None" in kind
+    base = kind.split("|")[0].strip()
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() == "none"):
+        if optional:
+            return None
+        raise CLIError(f"{where}: {f.name} must be a {base}, got null")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+        elif base == "int":
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                return int(value)
+        elif base == "float":
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                return float(value)
+        elif isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+    except ValueError:
+        pass
+    raise CLIError(f"{where}: {f.name} must be a {base}{' or none' if optional else ''}, got {value!r}")

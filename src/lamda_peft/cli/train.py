@@ -40,12 +40,17 @@ def add_parser(subparsers) -> None:
 
 
 def _type_of(f: dataclasses.Field):
+    """The flag's converter: int, float or str; "none" gives None where the field allows it (--head-lr none)."""
     t = str(f.type)
-    if t.startswith("int"):
-        return int
-    if t.startswith("float"):
-        return float
-    return str
+    base = int if t.startswith("int") else float if t.startswith("float") else str
+    if "None" not in t or base is str:
+        return base
+
+    def convert(text: str):
+        return None if text.strip().lower() == "none" else base(text)
+
+    convert.__name__ = f"{base.__name__} or none"  # what argparse names in its error message
+    return convert
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
