@@ -336,3 +336,18 @@ def test_lorafa_resume_is_bitwise(tmp_path):
     assert run_cli("train", "--output-dir", tampered, *small, "--resume", "latest") == 0
     c = load_file(str(tampered / "adapter" / "adapter_model.safetensors"))
     assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)
+
+
+def test_a_model_folder_without_weights_is_a_clear_error(tmp_path, capsys):
+    import shutil
+
+    from lamda_peft.assets import minilm_path
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_path() / name).is_file():
+            shutil.copy(minilm_path() / name, folder / name)
+    assert run_cli("train", "--model", folder, "--output-dir", tmp_path / "out", "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert f"cannot load model folder {folder}" in err and "Traceback" not in err

@@ -64,8 +64,8 @@ def _from_pretrained(loader, path: str, *args, **kwargs):
     try:
         return loader(path, *args, **kwargs)
     except OSError as err:
-        if Path(path).exists():
-            raise
+        if Path(path).exists():  # a local folder whose files are missing or unreadable (no weights, a bad tokenizer)
+            raise CLIError(f"cannot load model folder {path}: {str(err).splitlines()[0][:240]}") from None
         raise CLIError(
             f"cannot load model {path!r}: not a local folder, and the Hugging Face hub did not provide it "
             f"(offline? {str(err).splitlines()[0][:160]}). Pass a local model folder or a bundled name (minilm, smollm2)."
@@ -229,7 +229,7 @@ def run_training(s: TrainSettings) -> dict:
     model_path = resolve_model_path(s.model)
     if s.task == "seq2seq":
         try:
-            seq2seq.check_encoder_decoder(model_path)
+            _from_pretrained(seq2seq.check_encoder_decoder, model_path)  # an offline hub id: a CLIError
         except seq2seq.Seq2SeqError as err:
             raise CLIError(str(err)) from None
     source, train_df, eval_df = _load_data(s)
