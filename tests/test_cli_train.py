@@ -351,3 +351,12 @@ def test_a_model_folder_without_weights_is_a_clear_error(tmp_path, capsys):
     assert run_cli("train", "--model", folder, "--output-dir", tmp_path / "out", "--max-steps", "1") == 2
     err = capsys.readouterr().err
     assert f"cannot load model folder {folder}" in err and "Traceback" not in err
+
+
+def test_a_held_out_set_with_one_class_is_evaluated(tmp_path):
+    """--max-eval-rows 1 (or a label-sorted test file) leaves one class in the held-out set: still a valid evaluation."""
+    out = tmp_path / "run"
+    flags = ("--max-steps", "1", "--max-train-rows", "48", "--max-eval-rows", "1", *FAST)
+    assert run_cli("train", "--output-dir", out, *flags) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_rows"] == 1 and metrics["accuracy"] in (0.0, 1.0)

@@ -264,7 +264,8 @@ def run_training(s: TrainSettings) -> dict:
         data.require_columns(eval_df, _text_columns(s) + [s.label_column], s.eval_data or source)
         label_names = data.class_labels(train_df[s.label_column], source, s.label_column)
         unseen = sorted(
-            set(data.class_labels(eval_df[s.label_column], s.eval_data or source, s.label_column)) - set(label_names)
+            set(data.class_labels(eval_df[s.label_column], s.eval_data or source, s.label_column, min_classes=1))
+            - set(label_names)
         )
         if unseen:
             raise CLIError(f"held-out labels {unseen} never occur in the training data")

@@ -116,8 +116,11 @@ def split_heldout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Data
     return train.reset_index(drop=True), heldout.reset_index(drop=True)
 
 
-def class_labels(values: pd.Series, source: str, column: str) -> list:
-    """The sorted class names of a label column; integers or strings only."""
+def class_labels(values: pd.Series, source: str, column: str, min_classes: int = 2) -> list:
+    """The sorted class names of a label column; integers or strings only.
+
+    `min_classes`: 2 for training data (one class teaches nothing); a held-out set may hold one.
+    """
     for i, v in enumerate(values.tolist()):
         integral_float = isinstance(v, float) and v.is_integer()  # pandas reads int columns with gaps as float
         if isinstance(v, bool) or not (isinstance(v, (int, str)) or integral_float):
@@ -130,8 +133,8 @@ def class_labels(values: pd.Series, source: str, column: str) -> list:
     if len(kinds) > 1:
         raise DataError(f"{source}: label column {column!r} mixes integers and strings")
     labels = sorted(cleaned.unique().tolist())
-    if len(labels) < 2:
-        raise DataError(f"{source}: label column {column!r} has a single class {labels}; need at least 2")
+    if len(labels) < min_classes:
+        raise DataError(f"{source}: label column {column!r} has a single class {labels}; need at least {min_classes}")
     return labels
 
 
