@@ -360,3 +360,19 @@ def test_a_held_out_set_with_one_class_is_evaluated(tmp_path):
     assert run_cli("train", "--output-dir", out, *flags) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_rows"] == 1 and metrics["accuracy"] in (0.0, 1.0)
+
+
+def test_full_fine_tuning_of_the_mean_pooling_model_saves_it(tmp_path):
+    """--method full on the bundled MiniLM (mean pooling, no Hugging Face head): the whole model is written."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    out = tmp_path / "run"
+    flags = ("--method", "full", "--max-steps", "1", "--max-train-rows", "48", "--max-eval-rows", "8", *FAST)
+    assert run_cli("train", "--output-dir", out, *flags) == 0
+    saved = out / "adapter"
+    head = load_file(saved / "classifier.safetensors")
+    info = json.loads((saved / "classifier.json").read_text())
+    assert head["weight"].shape == (info["num_labels"], info["hidden_size"]) and info["pooling"] == "mean"
+    encoder = AutoModel.from_pretrained(saved)  # a Hugging Face folder
+    assert encoder.config.hidden_size == info["hidden_size"]

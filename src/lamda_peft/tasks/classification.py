@@ -50,6 +50,23 @@ class MeanPoolClassifier(nn.Module):
             )
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """The whole model (full fine-tuning): the encoder as a Hugging Face folder, plus
+        `classifier.safetensors` and `classifier.json` (labels, mean pooling), each file written atomically."""
+        import json
+
+        from safetensors.torch import save as safetensors_bytes
+
+        from lamda_peft.checkpoint import atomic_write_bytes
+
+        directory = Path(directory)
+        self.encoder.save_pretrained(directory)
+        head = {k: v.detach().contiguous().cpu() for k, v in self.classifier.state_dict().items()}
+        atomic_write_bytes(directory / "classifier.safetensors", safetensors_bytes(head, metadata={"format": "pt"}))
+        info = {"pooling": "mean", "num_labels": self.num_labels, "hidden_size": self.classifier.in_features}
+        atomic_write_bytes(directory / "classifier.json", (json.dumps(info, indent=2) + "\n").encode())
+        return directory
+
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.encoder.gradient_checkpointing_enable(**kwargs)
 
