@@ -279,3 +279,30 @@ def test_quantize_with_a_target_it_cannot_quantize_fails_before_the_calibration_
     cfg = LamdaConfig(r=4, target_modules="all-linear", init="gradient", quantize="nf4")
     with pytest.raises(QuantizationError, match="has a torch.float64 weight"):
         get_lamda_model(tiny_bert().double(), cfg, calibration=never())
+
+
+def test_grouped_calibration_drops_each_groups_sums_before_the_next_pass(monkeypatch):
+    """With calibration_max_bytes, a group's float32 sums become A and are freed before the next
+    group's pass: at most one group's sums are alive at any time (and A is the one-pass A)."""
+    import weakref
+
+    import lamda_peft.model as model_module
+
+    alive: list = []
+    passes = []
+    real = model_module._gradient_pass
+
+    def watched(model, modules, calibration, batch_moment):
+        passes.append([ref() is not None for ref in alive])
+        out = real(model, modules, calibration, batch_moment)
+        alive.extend(weakref.ref(t) for t in out.values())
+        return out
+
+    monkeypatch.setattr(model_module, "_gradient_pass", watched)
+    cfg = {"r": 4, "target_modules": "all-linear", "init": "gradient", "modules_to_save": ["classifier"]}
+    grouped = get_lamda_model(tiny_bert(), LamdaConfig(**cfg), calibration=_batches(), calibration_max_bytes=1)
+    assert len(passes) > 2 and not any(any(flags) for flags in passes)  # every earlier group freed
+    monkeypatch.setattr(model_module, "_gradient_pass", real)
+    one = get_lamda_model(tiny_bert(), LamdaConfig(**cfg), calibration=_batches())
+    for (_, a), (_, b) in zip(grouped.lamda_layers(), one.lamda_layers(), strict=True):
+        assert torch.equal(a.A, b.A)

@@ -363,18 +363,29 @@ def weight_gradients(
     exists. Runs in eval mode (no dropout); every parameter's `requires_grad` and `.grad` are as
     they were afterwards.
     """
+    sums: dict[str, torch.Tensor] = {}
+    for group in weight_gradient_groups(model, names, calibration, batch_moment, max_bytes):
+        sums.update(group)
+    return sums
+
+
+def weight_gradient_groups(
+    model: nn.Module, names: list[str], calibration, batch_moment: bool = False, max_bytes: int | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`weight_gradients` one group at a time: a consumer that turns each group into factors and drops
+    it holds at most `max_bytes` of sums (all of them together is a full float32 model)."""
     modules = {n: model.get_submodule(n) for n in names}
     sizes = {n: _gradient_sum_bytes(m, batch_moment) for n, m in modules.items()}
     groups = calibration_groups(sizes, max_bytes)
     if len(groups) > 1:
         calibration = list(calibration)  # read once per group
-    sums: dict[str, torch.Tensor] = {}
     for group in groups:
-        sums.update(_gradient_pass(model, {n: modules[n] for n in group}, calibration, batch_moment))
-    missing = [n for n in names if n not in sums]
-    if missing:
-        raise ValueError(f"init='gradient': the loss does not depend on {missing[:3]} (no gradient reached them)")
-    return sums
+        sums = _gradient_pass(model, {n: modules[n] for n in group}, calibration, batch_moment)
+        missing = [n for n in group if n not in sums]
+        if missing:
+            raise ValueError(f"init='gradient': the loss does not depend on {missing[:3]} (no gradient reached them)")
+        yield sums
+        del sums  # not held through the next group's pass
 
 
 def _gradient_sum_bytes(module: nn.Module, batch_moment: bool) -> int:
@@ -487,27 +498,32 @@ def calibrated_init(
     check_ranks(model, config, targets)  # before the calibration pass
     if config.quantize:
         check_quantizable(model, targets, config)  # a Conv1D or float64 target, named before it, not after
+    factors = {}
+
+    def to_factors(stats: dict[str, torch.Tensor]) -> None:
+        for name, stat in stats.items():
+            weight = torch_layout_weight(model.get_submodule(name))
+            r, dtype = config.rank_for(name), _adapter_dtype(weight)
+            if config.init == "gradient" and config.gradient_stat == "batch_moment":
+                f = gradient_moment_factors(stat, r, weight.shape[0], dtype=dtype)
+            elif config.init == "gradient":
+                svd = {"method": config.svd, "niter": config.svd_niter, "full_max_dim": config.svd_full_max_dim}
+                f = gradient_factors(stat, r, dtype=dtype, **svd)
+            else:
+                f = activation_factors(weight, stat, r, dtype=dtype)
+            factors[name] = SpectralFactors(*(t.to(weight.device) for t in f))
+
     if config.init == "gradient":
         # B0 = 0: a quantized base will be Q(W) itself, so the gradient is taken on that model
         view = weights_as_quantized(model, targets, config) if config.quantize else contextlib.nullcontext()
-        with view:
-            moment = config.gradient_stat == "batch_moment"
-            stats = weight_gradients(model, targets, calibration, batch_moment=moment, max_bytes=max_bytes)
+        moment = config.gradient_stat == "batch_moment"
+        with view:  # each group's sums become factors and are dropped before the next group's pass
+            for group in weight_gradient_groups(model, targets, calibration, moment, max_bytes):
+                to_factors(group)
+                del group
     else:
-        stats = input_covariances(model, targets, calibration)
-    factors = {}
-    for name in targets:
-        weight = torch_layout_weight(model.get_submodule(name))
-        r, dtype = config.rank_for(name), _adapter_dtype(weight)
-        if config.init == "gradient" and config.gradient_stat == "batch_moment":
-            f = gradient_moment_factors(stats[name], r, weight.shape[0], dtype=dtype)
-        elif config.init == "gradient":
-            svd = {"method": config.svd, "niter": config.svd_niter, "full_max_dim": config.svd_full_max_dim}
-            f = gradient_factors(stats[name], r, dtype=dtype, **svd)
-        else:
-            f = activation_factors(weight, stats[name], r, dtype=dtype)
-        factors[name] = SpectralFactors(*(t.to(weight.device) for t in f))
-    return factors
+        to_factors(input_covariances(model, targets, calibration))
+    return {name: factors[name] for name in targets}
 
 
 def get_lamda_model(
