@@ -376,3 +376,21 @@ def test_full_fine_tuning_of_the_mean_pooling_model_saves_it(tmp_path):
     assert head["weight"].shape == (info["num_labels"], info["hidden_size"]) and info["pooling"] == "mean"
     encoder = AutoModel.from_pretrained(saved)  # a Hugging Face folder
     assert encoder.config.hidden_size == info["hidden_size"]
+
+
+def test_calibration_rows_are_a_seeded_sample_when_the_data_has_more():
+    """A file sorted by label must not give the gradient init (or the head probe) one class: more rows than
+    --calibration-rows are sampled with --seed, in file order; fewer are all taken, as they are."""
+    from lamda_peft.settings import TrainSettings
+    from lamda_peft.training import _calibration_sample
+
+    rows = [{"i": i} for i in range(100)]
+
+    def batches(**kw):
+        s = TrainSettings(batch_size=8, **kw)
+        return [r["i"] for b in _calibration_sample(rows, lambda chunk: chunk, s) for r in b]
+
+    taken = batches(calibration_rows=20, seed=0)
+    assert len(taken) == 20 == len(set(taken)) and taken == sorted(taken) and max(taken) >= 50
+    assert taken == batches(calibration_rows=20, seed=0) and taken != batches(calibration_rows=20, seed=1)
+    assert batches(calibration_rows=100) == list(range(100)) == batches(calibration_rows=1024)

@@ -9,6 +9,7 @@ folder without it is never a finished run.
 from __future__ import annotations
 
 import json
+import random
 import resource
 import shutil
 import time
@@ -179,17 +180,22 @@ def _causal_rows(tokenizer, df, s, source):
     return causal_lm.tokenize_sft(tokenizer, None, df[s.text_column].astype(str).tolist(), s.max_length)
 
 
-def _leading_batches(train_rows: list[dict], collator, s: TrainSettings) -> list[dict]:
-    """The first --calibration-rows training rows, collated in --batch-size batches."""
-    rows = train_rows[: s.calibration_rows]
+def _calibration_sample(train_rows: list[dict], collator, s: TrainSettings) -> list[dict]:
+    """--calibration-rows training rows, collated in --batch-size batches: all of them when they fit,
+    else a sample drawn with --seed (in file order), not the first rows: a file sorted by label
+    would otherwise show the calibration one class."""
+    rows = train_rows
+    if len(rows) > s.calibration_rows:
+        keep = sorted(random.Random(s.seed).sample(range(len(rows)), s.calibration_rows))
+        rows = [rows[i] for i in keep]
     return [collator(rows[i : i + s.batch_size]) for i in range(0, len(rows), s.batch_size)]
 
 
 def _calibration_batches(train_rows: list[dict], collator, s: TrainSettings) -> list[dict] | None:
-    """--init activation|gradient: the rows that set A (`_leading_batches`)."""
+    """--init activation|gradient: the rows that set A (`_calibration_sample`)."""
     if s.init not in CALIBRATED_INITS or s.method not in ("lamda", "lamda++"):
         return None
-    return _leading_batches(train_rows, collator, s)
+    return _calibration_sample(train_rows, collator, s)
 
 
 def _probe_head(model, head, train_rows: list[dict], collator, s: TrainSettings) -> dict | None:
@@ -198,7 +204,7 @@ def _probe_head(model, head, train_rows: list[dict], collator, s: TrainSettings)
         return None
     if head is None:  # TrainSettings.validate allows the probe only on tasks with a new head
         raise CLIError(f"--head-init probe: --task {s.task} builds no new head")
-    batches = _leading_batches(train_rows, collator, s)  # the same rows as a calibrated init reads
+    batches = _calibration_sample(train_rows, collator, s)  # the same rows as a calibrated init reads
     try:
         report = head_probe.probe_head(model, head if isinstance(head, str) else head[0], batches)
     except head_probe.HeadProbeError as err:
