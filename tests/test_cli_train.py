@@ -82,6 +82,11 @@ def test_resume_mid_freeze_is_bitwise(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The resumed run's counts are its own session's (steps 5-10), and it says where it came from
+    m_full, m_resumed = (json.loads((d / "metrics.json").read_text()) for d in (full, resumed))
+    assert m_resumed["resumed_from"].endswith("checkpoint-4") and m_resumed["parameter_updates_from_step"] == 4
+    assert m_full["parameter_updates_from_step"] == 0
+    assert 0 < m_resumed["parameter_updates"] < m_full["parameter_updates"]
 
 
 def test_refuses_existing_run_and_overwrites_on_request(tmp_path, capsys):

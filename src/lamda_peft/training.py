@@ -212,6 +212,16 @@ def _probe_head(model, head, train_rows: list[dict], collator, s: TrainSettings)
     return report.to_dict()
 
 
+class _SessionStart(TrainerCallback):
+    """The step and tokens seen when this session's training began (a resumed run restores both)."""
+
+    def __init__(self) -> None:
+        self.step, self.tokens = 0, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step, self.tokens = state.global_step, state.num_input_tokens_seen
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint (the Trainer writes trainer_state.json last; a kill mid-save leaves none)."""
     ckpts = sorted(
@@ -380,13 +390,18 @@ def run_training(s: TrainSettings) -> dict:
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dict per step
     if not s.quiet:
         trainer.add_callback(ProgressBar(lamda_cb, lambda: count_trainable(model)))
-    if s.task in ("causal-lm", "seq2seq"):
+    if resume is not None:
+        # "before" means the untrained model: a resumed LaMDA model already holds the checkpoint (a
+        # resumed PEFT one not yet), so no *_before figure is reported for a resumed run
+        metrics["resumed_from"] = str(resume)
+    elif s.task in ("causal-lm", "seq2seq"):
         before = trainer.evaluate()["eval_loss"]
         metrics.update(eval_loss_before=before, perplexity_before=causal_lm.perplexity(before))
-        if not resume:  # generation scores of the untrained adapter (it starts as the base model's function)
-            scores: dict = {}
-            _generation_eval(model, tokenizer, eval_df, s, scores)
-            metrics.update({f"{k}_before": v for k, v in scores.items()})
+        scores: dict = {}  # generation scores of the untrained adapter (it starts as the base model's function)
+        _generation_eval(model, tokenizer, eval_df, s, scores)
+        metrics.update({f"{k}_before": v for k, v in scores.items()})
+    session_start = _SessionStart()  # what a resumed run had done before this session
+    trainer.add_callback(session_start)
     trainable_start = count_trainable(model)
     if is_recursive:
         trainer.add_callback(RelaxationFreeze(s.freeze_fraction))
@@ -422,9 +437,10 @@ def run_training(s: TrainSettings) -> dict:
     metrics.update(
         trainable_params_start=trainable_start,
         trainable_params_end=count_trainable(model),
-        parameter_updates=int(sum(c for _, c in history[1:]))
+        parameter_updates=int(sum(c for _, c in history[1:]))  # this session's steps (from a resumed step on)
         if lamda_cb
-        else trainable_start * trainer.state.global_step,
+        else trainable_start * (trainer.state.global_step - session_start.step),
+        parameter_updates_from_step=session_start.step,
         total_params=sum(p.numel() for p in model.parameters()),
         train_steps=trainer.state.global_step,
         train_rows=len(train_rows),
@@ -433,7 +449,8 @@ def run_training(s: TrainSettings) -> dict:
         wall_time_s=time.time() - start,
         torch_threads=torch.get_num_threads(),
         processes=trainer.args.world_size,
-        train_tokens_per_s=trainer.state.num_input_tokens_seen / max(train_output.metrics["train_runtime"], 1e-9),
+        train_tokens_per_s=(trainer.state.num_input_tokens_seen - session_start.tokens)
+        / max(train_output.metrics["train_runtime"], 1e-9),
     )
     if trainer.is_world_process_zero():  # one writer under `accelerate launch`
         if predictions:
