@@ -158,3 +158,20 @@ def test_a_failing_svd_modifies_nothing():
     assert not any(isinstance(m, LamdaLinear) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if not v.isnan().any())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_float64_merge_and_unmerge_keep_float64_precision():
+    """merge/unmerge of a float64 base add the delta in float64 (they went through float32): the
+    round trip is exact to float64 rounding and the merged weight matches a float64 reference."""
+    model = get_lamda_model(tiny_llama().double(), LamdaConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for _, layer in model.lamda_layers():
+            layer.dS.normal_(0, 0.2)
+            layer.dB.normal_(0, 0.05)
+    layer = next(layer for _, layer in model.lamda_layers())
+    w_res = layer.base_layer.weight.detach().clone()
+    expected = w_res + layer.scaling * (layer.B @ layer.S @ layer.A)
+    model.merge()
+    torch.testing.assert_close(layer.base_layer.weight, expected, atol=1e-14, rtol=0)
+    model.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w_res, atol=1e-14, rtol=0)

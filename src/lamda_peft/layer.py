@@ -318,7 +318,8 @@ class LamdaLinear(nn.Module):
             raise RuntimeError("merge() inside disable_adapter(): leave the block first")
         with torch.no_grad():
             w = torch_layout_weight(self.base_layer)
-            self._write_base((w.float() + self.delta_weight().float()).to(w.dtype))
+            acc = torch.promote_types(w.dtype, torch.float32)  # float64 stays float64, half precision sums in float32
+            self._write_base((w.to(acc) + self.delta_weight().to(acc)).to(w.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
@@ -327,7 +328,8 @@ class LamdaLinear(nn.Module):
             return
         with torch.no_grad():
             w = torch_layout_weight(self.base_layer)
-            self._write_base((w.float() - self.delta_weight().float()).to(w.dtype))
+            acc = torch.promote_types(w.dtype, torch.float32)
+            self._write_base((w.to(acc) - self.delta_weight().to(acc)).to(w.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
