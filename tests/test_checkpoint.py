@@ -179,3 +179,18 @@ def _metadata(directory):
 
     with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
         return f.metadata()
+
+
+def test_modules_to_save_resolves_on_load_as_on_save(tmp_path):
+    """A model with both `classifier` and `x.classifier`: the exact path wins on save and on load."""
+    model = tiny_bert()
+    model.bert.classifier = torch.nn.Linear(4, 4)  # a second module whose name ends in "classifier"
+    cfg = LamdaConfig(r=4, target_modules=["query"], modules_to_save=["classifier"])
+    lamda = get_lamda_model(model, cfg)
+    with torch.no_grad():
+        lamda.model.classifier.weight.add_(1.0)
+    lamda.save_pretrained(tmp_path)
+    other = tiny_bert()
+    other.bert.classifier = torch.nn.Linear(4, 4)
+    loaded = LamdaModel.from_pretrained(other, tmp_path)
+    assert torch.equal(loaded.model.classifier.weight, lamda.model.classifier.weight)

@@ -291,7 +291,10 @@ def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = 
         states[name] = (dS, dB, frozen, step)
     saved_modules = {}
     for module_name in config.modules_to_save or []:
-        hits = [(n, m) for n, m in model.named_modules() if n == module_name or n.endswith("." + module_name)]
+        # resolved as LamdaModel._module_to_save resolves it when saving: the exact path first, else one suffix
+        hits = [(n, m) for n, m in model.named_modules() if n == module_name] or [
+            (n, m) for n, m in model.named_modules() if n.endswith("." + module_name)
+        ]
         if len(hits) != 1:
             raise AdapterLoadError(f"{directory}: modules_to_save entry {module_name!r} matches no single module")
         prefix, module = hits[0]
