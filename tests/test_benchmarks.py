@@ -279,3 +279,16 @@ def test_update_subspace_quick_splits_lora_update_by_w_spectrum(tmp_path):
         "up_proj",
         "down_proj",
     }
+
+
+def test_calibration_memory_quick(tmp_path):
+    out = tmp_path / "calibration_memory.json"
+    run("calibration_memory.py", "--quick", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and set(data["variants"]) == {"autograd", "hooks", "hooks_grouped"}
+    assert data["ratios_vs_autograd"]["autograd"]["peak_x_less"] == 1.0
+    # grouped or not, the same A (the sums are the same bit for bit); autograd's A agrees to rounding
+    assert data["checksum_relative_difference_vs_autograd"]["hooks"] == pytest.approx(
+        data["checksum_relative_difference_vs_autograd"]["hooks_grouped"], abs=0
+    )
+    assert data["checksum_relative_difference_vs_autograd"]["hooks"] < 1e-4
