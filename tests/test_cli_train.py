@@ -399,3 +399,12 @@ def test_calibration_rows_are_a_seeded_sample_when_the_data_has_more():
     assert len(taken) == 20 == len(set(taken)) and taken == sorted(taken) and max(taken) >= 50
     assert taken == batches(calibration_rows=20, seed=0) and taken != batches(calibration_rows=20, seed=1)
     assert batches(calibration_rows=100) == list(range(100)) == batches(calibration_rows=1024)
+
+
+def test_an_empty_text_cell_is_an_empty_string_not_nan():
+    import pandas as pd
+
+    from lamda_peft.training import _texts
+
+    df = pd.read_csv(__import__("io").StringIO("text,label\nnice,1\n,0\n"))
+    assert _texts(df["text"]) == ["nice", ""]

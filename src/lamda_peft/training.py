@@ -159,7 +159,7 @@ def _text_columns(s: TrainSettings) -> list[str]:
 def _classification_rows(tokenizer, df, s, label_index, source):
     cols = _text_columns(s)
     data.require_columns(df, cols + [s.label_column], source)
-    texts = [df[c].astype(str).tolist() for c in cols]
+    texts = [_texts(df[c]) for c in cols]
     enc = tokenizer(*texts, truncation=True, max_length=s.max_length)
     if label_index is None:  # regression
         labels = data.regression_labels(df[s.label_column], source, s.label_column)
@@ -172,12 +172,17 @@ def _causal_rows(tokenizer, df, s, source):
     if s.prompt_column in df.columns and s.response_column in df.columns:
         return causal_lm.tokenize_sft(
             tokenizer,
-            df[s.prompt_column].astype(str).tolist(),
-            df[s.response_column].astype(str).tolist(),
+            _texts(df[s.prompt_column]),
+            _texts(df[s.response_column]),
             s.max_length,
         )
     data.require_columns(df, [s.text_column], source)
-    return causal_lm.tokenize_sft(tokenizer, None, df[s.text_column].astype(str).tolist(), s.max_length)
+    return causal_lm.tokenize_sft(tokenizer, None, _texts(df[s.text_column]), s.max_length)
+
+
+def _texts(column) -> list[str]:
+    """A text column as strings; an empty cell is "" (pandas reads it as NaN, which str() makes "nan")."""
+    return column.fillna("").astype(str).tolist()
 
 
 def _calibration_sample(train_rows: list[dict], collator, s: TrainSettings) -> list[dict]:
@@ -266,8 +271,8 @@ def run_training(s: TrainSettings) -> dict:
         train_rows, eval_rows = (
             seq2seq.tokenize_pairs(
                 tokenizer,
-                df[s.source_column].astype(str).tolist(),
-                df[s.target_column].astype(str).tolist(),
+                _texts(df[s.source_column]),
+                _texts(df[s.target_column]),
                 s.max_length,
                 s.max_target_length,
             )
@@ -487,16 +492,16 @@ def _generation_eval(model, tokenizer, eval_df, s: TrainSettings, metrics: dict)
         scores, predictions = seq2seq.evaluate(
             model,
             tokenizer,
-            eval_df[s.source_column].astype(str).tolist(),
-            eval_df[s.target_column].astype(str).tolist(),
+            _texts(eval_df[s.source_column]),
+            _texts(eval_df[s.target_column]),
             s,
         )
     elif s.eval_generate:
         scores, predictions = generation.evaluate(
             model,
             tokenizer,
-            eval_df[s.prompt_column].astype(str).tolist(),
-            eval_df[s.response_column].astype(str).tolist(),
+            _texts(eval_df[s.prompt_column]),
+            _texts(eval_df[s.response_column]),
             s,
         )
     else:
