@@ -353,11 +353,12 @@ def weight_gradients(
     With `batch_moment`, sum_b G_b^T G_b (float32, (d_in, d_in)) over the batches instead.
 
     No weight takes a gradient: a forward hook keeps each target's input x, and a hook on its output's
-    gradient g adds g^T x (in float32; float64 for a float64 model) to that target's sum. So the
-    memory is the float32 sums alone, never a gradient in the weight's own dtype beside them (a bf16
-    model would otherwise hold both). `max_bytes` bounds the sums held at once: the targets are then
-    calibrated in groups (`calibration_groups`), one pass over the batches per group, with the same
-    sums as one pass (bitwise: each target's additions happen in the same order).
+    gradient g adds g^T x (in float32; float64 for a float64 model) to that target's sum. All the
+    sums together are a float32 copy of every target weight; `max_bytes` splits the targets into
+    groups (`calibration_groups`), one pass over the batches per group, with the same sums as one
+    pass (bitwise: each target's additions happen in the same order). Only a consumer that drops
+    each group (`weight_gradient_groups`, as `calibrated_init` does) holds less than all of them:
+    benchmarks/calibration_memory.py.
 
     `calibration` is an iterable of keyword batches with labels, so that `model(**batch).loss`
     exists. Runs in eval mode (no dropout); every parameter's `requires_grad` and `.grad` are as
