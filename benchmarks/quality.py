@@ -511,8 +511,7 @@ def paired(runs: list[dict], a: str, b: str, metric: str = "accuracy", higher_is
         "seeds": seeds,
         f"{metric}_mean_a": statistics.mean(rows[a][s][metric] for s in seeds),
         f"{metric}_mean_b": statistics.mean(rows[b][s][metric] for s in seeds),
-        "diff_mean": statistics.mean(diffs),
-        "diff_se": statistics.stdev(diffs) / len(diffs) ** 0.5,
+        **_mean_and_se(diffs),
         "wins": sum((d > 0) if higher_is_better else (d < 0) for d in diffs),
         "losses": sum((d < 0) if higher_is_better else (d > 0) for d in diffs),
         "ties": sum(d == 0 for d in diffs),
@@ -522,15 +521,15 @@ def paired(runs: list[dict], a: str, b: str, metric: str = "accuracy", higher_is
     for key in ("accuracy", "macro_f1", "eval_loss", "perplexity"):
         have = [s for s in seeds if key != metric and all(_finite(rows[v][s].get(key)) for v in (a, b))]
         if len(have) >= 2:
-            d = [rows[a][s][key] - rows[b][s][key] for s in have]
-            others[key] = {
-                "seeds": len(have),
-                "diff_mean": statistics.mean(d),
-                "diff_se": statistics.stdev(d) / len(d) ** 0.5,
-            }
+            others[key] = {"seeds": len(have), **_mean_and_se([rows[a][s][key] - rows[b][s][key] for s in have])}
     if others:
         result["other_metrics"] = others
     return result
+
+
+def _mean_and_se(diffs: list[float]) -> dict:
+    """The mean of per-seed differences and its standard error (sample standard deviation / sqrt(n))."""
+    return {"diff_mean": statistics.mean(diffs), "diff_se": statistics.stdev(diffs) / len(diffs) ** 0.5}
 
 
 def _finite(value) -> bool:

@@ -559,7 +559,6 @@ def paired_lines(data: dict) -> list[str]:
     if not data.get("paired"):
         return []
     names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "eval_loss": "held-out loss", "perplexity": "perplexity"}
-    others = ("accuracy", "macro_f1", "eval_loss", "perplexity")
 
     def diff(entry: dict, key: str) -> str:
         scale = 100 if key in ("accuracy", "macro_f1") else 1  # points for rates, raw for losses
@@ -575,7 +574,7 @@ def paired_lines(data: dict) -> list[str]:
                 str(len(p["seeds"])),
                 diff(p, p["metric"]),
                 f"{p['wins']} / {p['losses']} / {p['ties']}",
-                "; ".join(f"{names[k]} {diff(extra[k], k)} on {extra[k]['seeds']} seeds" for k in others if k in extra)
+                "; ".join(f"{names[k]} {diff(extra[k], k)} on {extra[k]['seeds']} seeds" for k in names if k in extra)
                 or "-",
             ]
         )
