@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_bert
-from lamda_peft import AdapterLoadError, ConfigError, LamdaConfig, LamdaModel, get_lamda_model
+from lamda_peft import AdapterLoadError, ConfigError, LamdaConfig, LamdaLinear, LamdaModel, get_lamda_model
 from lamda_peft.checkpoint import WEIGHTS_NAME
 
 
@@ -86,7 +87,6 @@ def test_different_base_names_the_module(tmp_path):
 
 def test_nan_tensor_refused(tmp_path):
     trained_model(1).save_pretrained(tmp_path)
-    from safetensors import safe_open
 
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
         meta = f.metadata()
@@ -175,7 +175,6 @@ def test_resume_refuses_other_run_settings_a_merged_model_and_a_negative_step(tm
 
 
 def _metadata(directory):
-    from safetensors import safe_open
 
     with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
         return f.metadata()
@@ -194,3 +193,27 @@ def test_modules_to_save_resolves_on_load_as_on_save(tmp_path):
     other.bert.classifier = torch.nn.Linear(4, 4)
     loaded = LamdaModel.from_pretrained(other, tmp_path)
     assert torch.equal(loaded.model.classifier.weight, lamda.model.classifier.weight)
+
+
+def test_modules_to_save_suffix_entry_is_one_path_for_save_load_and_export(tmp_path):
+    """ "pooler" names `bert.pooler` by suffix: save, load and export_lora all use that one path."""
+    cfg = LamdaConfig(r=4, target_modules=["query"], modules_to_save=["pooler"])
+    lamda = get_lamda_model(tiny_bert(), cfg)
+    with torch.no_grad():
+        lamda.model.bert.pooler.dense.weight.add_(1.0)
+    assert [path for path, _ in lamda.modules_to_save()] == ["bert.pooler"]
+    lamda.save_pretrained(tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / WEIGHTS_NAME), framework="pt") as f:
+        assert {k for k in f.keys() if "pooler" in k} == {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    loaded = LamdaModel.from_pretrained(tiny_bert(), tmp_path / "adapter")
+    assert torch.equal(loaded.model.bert.pooler.dense.weight, lamda.model.bert.pooler.dense.weight)
+    lamda.export_lora(tmp_path / "lora")
+    with safe_open(str(tmp_path / "lora" / "adapter_model.safetensors"), framework="pt") as f:
+        assert "base_model.model.bert.pooler.dense.weight" in set(f.keys())
+
+
+def test_ambiguous_modules_to_save_entry_names_the_matches():
+    model = tiny_bert()
+    with pytest.raises(ConfigError, match=r"modules_to_save entry 'dense' matches \d+ modules \(bert\."):
+        get_lamda_model(model, LamdaConfig(r=4, target_modules=["query"], modules_to_save=["dense"]))
+    assert not any(isinstance(m, LamdaLinear) for m in model.modules())

@@ -33,6 +33,7 @@ from torch import nn
 from lamda_peft.config import CONFIG_NAME, ConfigError, LamdaConfig
 from lamda_peft.layer import linear_shape, torch_layout_weight
 from lamda_peft.spectral import SpectralFactors
+from lamda_peft.targets import find_targets, module_to_save
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "lamda-peft/1"
@@ -82,9 +83,7 @@ def adapter_state_dict(lamda_model) -> dict[str, torch.Tensor]:
             _ADAPTER_KEYS, (layer.A, layer.B0, layer.S0, layer.dS, layer.dB, layer.frozen, layer.step), strict=True
         ):
             state[f"{name}.{key}"] = tensor.detach().contiguous().cpu()
-    for module_name in lamda_model.config.modules_to_save or []:
-        module = lamda_model._module_to_save(module_name)
-        prefix = next(n for n, m in lamda_model.model.named_modules() if m is module)
+    for prefix, module in lamda_model.modules_to_save():
         for pname, p in module.state_dict().items():
             state[f"{prefix}.{pname}"] = p.detach().contiguous().cpu()
     return state
@@ -256,7 +255,6 @@ def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = 
         AdapterLoadError: the weights file is missing, corrupt, or does not fit this base model.
     """
     from lamda_peft.model import LamdaModel
-    from lamda_peft.targets import find_targets
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -291,13 +289,10 @@ def load_adapter(model: nn.Module, directory: str | Path, max_file_bytes: int = 
         states[name] = (dS, dB, frozen, step)
     saved_modules = {}
     for module_name in config.modules_to_save or []:
-        # resolved as LamdaModel._module_to_save resolves it when saving: the exact path first, else one suffix
-        hits = [(n, m) for n, m in model.named_modules() if n == module_name] or [
-            (n, m) for n, m in model.named_modules() if n.endswith("." + module_name)
-        ]
-        if len(hits) != 1:
-            raise AdapterLoadError(f"{directory}: modules_to_save entry {module_name!r} matches no single module")
-        prefix, module = hits[0]
+        try:
+            prefix, module = module_to_save(model, module_name)  # the rule saving used
+        except ConfigError as err:
+            raise AdapterLoadError(f"{directory}: {err}") from None
         for pname, p in module.state_dict().items():
             key = f"{prefix}.{pname}"
             _expect(tensors, key, tuple(p.shape), (p.dtype,), f"{directory}: module {prefix!r}")

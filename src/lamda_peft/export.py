@@ -48,9 +48,9 @@ def export_lora(lamda_model, directory: str | Path, dtype: torch.dtype | None = 
         names.append(name)
         fan_in_fan_out |= is_conv1d(layer.base_layer)
     saved = []
-    for module_name in lamda_model.config.modules_to_save or []:
-        module = lamda_model._module_to_save(module_name)
-        prefix = next(n for n, m in lamda_model.model.named_modules() if m is module)
+    for module_name, (prefix, module) in zip(
+        lamda_model.config.modules_to_save or [], lamda_model.modules_to_save(), strict=True
+    ):
         saved.append(module_name)
         for pname, p in module.state_dict().items():
             state[f"{PEFT_PREFIX}{prefix}.{pname}"] = p.detach().contiguous().cpu()

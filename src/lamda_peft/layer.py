@@ -310,12 +310,18 @@ class LamdaLinear(nn.Module):
         w = self.base_layer.weight
         w.data.copy_(w_torch_layout.T if is_conv1d(self.base_layer) else w_torch_layout)
 
-    def merge(self) -> None:
-        """Fold scaling*B S A into the base weight. Merging a merged layer is a no-op."""
+    def _should_merge(self) -> bool:
+        """False for a merged layer (merging again is a no-op); refuses a merge inside disable_adapter()."""
         if self.merged:
-            return
+            return False
         if self.disabled:  # disable_adapter() refuses a merged model; merging inside it would be its mirror
             raise RuntimeError("merge() inside disable_adapter(): leave the block first")
+        return True
+
+    def merge(self) -> None:
+        """Fold scaling*B S A into the base weight. Merging a merged layer is a no-op."""
+        if not self._should_merge():
+            return
         with torch.no_grad():
             w = torch_layout_weight(self.base_layer)
             acc = torch.promote_types(w.dtype, torch.float32)  # float64 stays float64, half precision sums in float32

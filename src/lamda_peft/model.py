@@ -33,7 +33,7 @@ from lamda_peft.spectral import (
     gradient_moment_factors,
     spectral_factors,
 )
-from lamda_peft.targets import find_targets
+from lamda_peft.targets import find_targets, module_to_save
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -121,9 +121,10 @@ class LamdaModel(nn.Module):
         targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
         if factors is None:
             check_ranks(model, config, targets)
-        to_save = [self._module_to_save(name) for name in config.modules_to_save or []]  # before any change
+        to_save = [module for _, module in self.modules_to_save()]  # resolved before any change
         check_untied(model, targets)
-        if reload and config.quantized_residual_sha256 and not uses_quantization(model, targets, config):
+        quantizing = uses_quantization(model, targets, config)
+        if reload and config.quantized_residual_sha256 and not quantizing:
             from lamda_peft.checkpoint import AdapterLoadError
 
             raise AdapterLoadError(
@@ -132,11 +133,7 @@ class LamdaModel(nn.Module):
                 "asks for no quantize: load it onto the quantized model it was trained on"
             )
         # Quantized bases (issue 11) are built first and checked whole: an error modifies nothing.
-        quantized = (
-            build_quantized_layers(model, targets, config, factors, reload)
-            if uses_quantization(model, targets, config)
-            else {}
-        )
+        quantized = build_quantized_layers(model, targets, config, factors, reload) if quantizing else {}
         # Every factor before any change: an SVD that fails (a non-finite weight) modifies nothing
         plain = {}
         for name in targets:
@@ -161,14 +158,9 @@ class LamdaModel(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(True)
 
-    def _module_to_save(self, name: str) -> nn.Module:
-        try:
-            return self.model.get_submodule(name)
-        except AttributeError:
-            hits = [m for n, m in self.model.named_modules() if n.endswith("." + name)]
-            if len(hits) == 1:
-                return hits[0]
-            raise ConfigError(f"modules_to_save entry {name!r} matches no single module of the model") from None
+    def modules_to_save(self) -> list[tuple[str, nn.Module]]:
+        """(path, module) of every `config.modules_to_save` entry, resolved by `module_to_save`."""
+        return [module_to_save(self.model, name) for name in self.config.modules_to_save or []]
 
     # -- access ------------------------------------------------------------------------------
     def __getattr__(self, name: str):

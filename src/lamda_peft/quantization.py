@@ -344,10 +344,8 @@ class QuantizedLamdaLinear(LamdaLinear):
         de-quantizes (memory of a full-precision layer). `unmerge` puts the very same quantized
         module back, bitwise.
         """
-        if self.merged:
+        if not self._should_merge():
             return
-        if self.disabled:  # the delta would be the disabled one (zero, or the init's): the training lost
-            raise RuntimeError("merge() inside disable_adapter(): leave the block first")
         q = self.base_layer
         with torch.no_grad():
             w_q = dequantized_weight(q)

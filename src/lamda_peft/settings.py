@@ -283,6 +283,17 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
     return {k: coerce_value(fields[k], v, f"config file {path}") for k, v in data.items()}
 
 
+def field_type(f: dataclasses.Field) -> tuple[str, bool]:
+    """A settings field's base type name ("int", "float", "str", "bool") and whether it allows None."""
+    kind = str(f.type)
+    return kind.split("|")[0].strip(), "None" in kind
+
+
+def means_none(value: Any) -> bool:
+    """The text "none" (any case) spells None, in a flag (--head-lr none) and in a config file."""
+    return isinstance(value, str) and value.strip().lower() == "none"
+
+
 def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
     """A config file's value as the field's type: YAML reads `lr: 1e-3` as the string '1e-3'.
 
@@ -291,10 +302,8 @@ def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
     """
     from lamda_peft.cli import CLIError
 
-    kind = str(f.type)
-    optional = "None" in kind
-    base = kind.split("|")[0].strip()
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() == "none"):
+    base, optional = field_type(f)
+    if value is None or (optional and means_none(value)):
         if optional:
             return None
         raise CLIError(f"{where}: {f.name} must be a {base}, got null")

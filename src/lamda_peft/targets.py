@@ -103,3 +103,17 @@ def find_targets(
             f"Linear layer names in this model end with: {suffixes[:12]}; for example {available[:4]}"
         )
     return found
+
+
+def module_to_save(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """The (path, module) that a `modules_to_save` entry names, the one rule for save, load and export.
+
+    The exact path wins; otherwise exactly one module whose path ends in "." + name ("score" finds
+    "model.score"). Raises ConfigError naming the entry when neither gives exactly one module.
+    """
+    modules = list(model.named_modules())
+    hits = [(n, m) for n, m in modules if n == name] or [(n, m) for n, m in modules if n.endswith("." + name)]
+    if len(hits) != 1:
+        found = f"{len(hits)} modules ({', '.join(n for n, _ in hits[:4])})" if hits else "no module"
+        raise ConfigError(f"modules_to_save entry {name!r} matches {found} of the model; expected exactly one")
+    return hits[0]

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 
-from lamda_peft.settings import TrainSettings, load_settings_file
+from lamda_peft.settings import TrainSettings, field_type, load_settings_file, means_none
 
 
 def add_parser(subparsers) -> None:
@@ -41,13 +41,13 @@ def add_parser(subparsers) -> None:
 
 def _type_of(f: dataclasses.Field):
     """The flag's converter: int, float or str; "none" gives None where the field allows it (--head-lr none)."""
-    t = str(f.type)
-    base = int if t.startswith("int") else float if t.startswith("float") else str
-    if "None" not in t or base is str:
+    name, optional = field_type(f)
+    base = {"int": int, "float": float}.get(name, str)
+    if not optional or base is str:  # a str field keeps "none" as text: its choices name what it allows
         return base
 
     def convert(text: str):
-        return None if text.strip().lower() == "none" else base(text)
+        return None if means_none(text) else base(text)
 
     convert.__name__ = f"{base.__name__} or none"  # what argparse names in its error message
     return convert
