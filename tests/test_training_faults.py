@@ -3,6 +3,7 @@ saves a resumable checkpoint; `--resume latest` then finishes the run."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -58,9 +59,12 @@ def test_nan_gradient_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
     assert (out / "metrics.json").is_file()
 
 
-def test_huge_learning_rate_is_reported(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["lamda", "lora"])
+def test_huge_learning_rate_is_reported(tmp_path, capsys, method):
+    """Every method gets the guard: PEFT LoRA's diverged run is stopped and named, as LaMDA's is."""
     out = tmp_path / "run"
-    assert run_cli("train", "--output-dir", out, *TINY, "--max-steps", "6", "--lr", "1e6", "--quiet") == 2
+    argv = ["train", "--output-dir", out, *TINY, "--max-steps", "6", "--lr", "1e6", "--quiet", "--method", method]
+    assert run_cli(*argv) == 2
     err = capsys.readouterr().err
     assert "training diverged at step" in err and "try a lower --lr" in err, err
     assert not (out / "metrics.json").exists()
@@ -118,8 +122,6 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     assert not (out / "metrics.json").exists()
     # Resumed in this process (OMP threads aside, the same command): it finishes all 30 steps.
     assert run_cli(*args, "--quiet", "--resume", "latest") == 0
-    import json
-
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == 30
 
 
@@ -131,3 +133,20 @@ def test_latest_checkpoint_skips_a_half_written_one(tmp_path, complete):
     if complete:
         (tmp_path / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
     assert training.latest_checkpoint(tmp_path).name == ("checkpoint-4" if complete else "checkpoint-2")
+
+
+def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
+    """Each checkpoint records the run's settings; resuming with another --lr or --max-steps is refused
+    before anything loads, naming both values. What only changes the output (--quiet) is allowed."""
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", out, *TINY, "--max-steps", "4", "--save-steps", "2", "--quiet"]
+    assert run_cli(*args) == 0
+    ckpt = out / "checkpoints" / "checkpoint-4"
+    recorded = json.loads((ckpt / training.RUN_SETTINGS_NAME).read_text())
+    assert recorded["max_steps"] == 4 and recorded["lr"] == 2e-3
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert run_cli(*args, "--lr", "1e-2", "--max-steps", "8", "--resume", str(ckpt)) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01 (the run used 0.002)" in err and "--max-steps 8 (the run used 4)" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    assert run_cli(*args[:-1], "--resume", str(ckpt)) == 0  # without --quiet: the same run

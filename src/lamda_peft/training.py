@@ -227,6 +227,68 @@ class _SessionStart(TrainerCallback):
         self.step, self.tokens = state.global_step, state.num_input_tokens_seen
 
 
+RUN_SETTINGS_NAME = "run_settings.json"  # in every checkpoint: the settings the run was started with
+# What a resumed run may change: where it writes and what it prints, the checkpoint cadence, the
+# evaluation after training, and memory-only switches (gradient checkpointing; the gradient init's
+# groups, whose A is bitwise the same). Every other setting shapes the trained weights.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "output_dir",
+        "overwrite",
+        "resume",
+        "quiet",
+        "save_steps",
+        "gradient_checkpointing",
+        "calibration_memory_mb",
+        "eval_generate",
+        "answer_regex",
+        "num_beams",
+        "max_new_tokens",
+    }
+)
+
+
+class _RecordSettings(TrainerCallback):
+    """Writes the run's settings into every checkpoint it saves, for `check_resume_settings`."""
+
+    def __init__(self, s: TrainSettings) -> None:
+        self.payload = (json.dumps(s.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            atomic_write_bytes(folder / RUN_SETTINGS_NAME, self.payload)
+
+
+def check_resume_settings(s: TrainSettings, checkpoint: Path) -> None:
+    """Refuse to resume `checkpoint` with settings that differ from the run that saved it.
+
+    A resumed run is meant to end where the uninterrupted one would: another --lr, --max-steps,
+    --seed, data or batch size would silently make it a different run. A checkpoint written before
+    this check existed has no settings file and is not compared.
+    """
+    path = checkpoint / RUN_SETTINGS_NAME
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CLIError(f"{path}: cannot read the run's settings ({err})") from None
+    if not isinstance(saved, dict):
+        raise CLIError(f"{path}: expected a JSON object of settings, got {type(saved).__name__}")
+    now = s.to_dict()
+    changed = [
+        f"--{key.replace('_', '-')} {now[key]!r} (the run used {saved[key]!r})"
+        for key in sorted(now)
+        if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != now[key]
+    ]
+    if changed:
+        raise CLIError(
+            f"--resume {checkpoint} continues the run that saved it, but {'; '.join(changed)}. "
+            "Pass the run's own values, or start a new run (--overwrite, or another --output-dir)"
+        )
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint (the Trainer writes trainer_state.json last; a kill mid-save leaves none)."""
     ckpts = sorted(
@@ -247,6 +309,7 @@ def run_training(s: TrainSettings) -> dict:
         resume = latest_checkpoint(out) if s.resume == "latest" else Path(s.resume)
         if resume is None or not resume.is_dir():
             raise CLIError(f"no checkpoint to resume from ({s.resume!r} in {out / 'checkpoints'})")
+        check_resume_settings(s, resume)
     model_path = resolve_model_path(s.model)
     if s.task == "seq2seq":
         try:
@@ -389,9 +452,9 @@ def run_training(s: TrainSettings) -> dict:
         compute_metrics=trainer_compute_metrics(s.task) if s.eval_steps else None,
     )
     lamda_cb = trainer.lamda_callback if isinstance(trainer, LamdaTrainer) else None
-    guard = FaultGuard() if is_lamda else None  # stop on NaN/Inf; save and stop on SIGTERM/SIGINT
-    if guard is not None:
-        trainer.add_callback(guard)
+    guard = FaultGuard()  # stop on NaN/Inf; save and stop on SIGTERM/SIGINT
+    trainer.add_callback(guard)
+    trainer.add_callback(_RecordSettings(s))
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dict per step
     if not s.quiet:
         trainer.add_callback(ProgressBar(lamda_cb, lambda: count_trainable(model)))
@@ -411,7 +474,7 @@ def run_training(s: TrainSettings) -> dict:
     if is_recursive:
         trainer.add_callback(RelaxationFreeze(s.freeze_fraction))
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if guard is not None and (message := stop_message(guard, latest_checkpoint(out))):
+    if message := stop_message(guard, latest_checkpoint(out)):
         raise CLIError(message)  # not finished: no adapter/ and no metrics.json are written
     # Evaluation
     predictions: list[str] = []  # generated texts (seq2seq, causal-lm --eval-generate)
