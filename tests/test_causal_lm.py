@@ -57,3 +57,26 @@ def test_smollm2_sft_lowers_heldout_loss_and_merges(tmp_path):
         torch.testing.assert_close(
             plain(input_ids=ids).logits, lamda.eval()(input_ids=ids).logits, atol=5e-4, rtol=1e-4
         )
+
+
+def test_a_long_prompt_is_cut_on_the_left_for_generation(tmp_path):
+    """A prompt longer than max_length keeps its end: the continuation is the one of its last
+    max_length tokens (not of its first), also when batched with a short prompt (left padding)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny_llama_with_smollm2_tokenizer
+    from lamda_peft.tasks.generation import generate_continuations
+
+    tokenizer = save_tiny_llama_with_smollm2_tokenizer(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    long_prompt = " ".join(f"item {i} is {i * 7 % 13};" for i in range(30)) + " so the answer is"
+    short_prompt = "def add(a, b):"
+    ids = tokenizer(long_prompt, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 40 and tokenizer.truncation_side == "right"
+    got = generate_continuations(model, tokenizer, [long_prompt, short_prompt], 16, 1, 6, batch_size=2)
+    with torch.no_grad():
+        tail = model.generate(input_ids=ids[:, -16:], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        head = model.generate(input_ids=ids[:, :16], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert got[0] == tokenizer.decode(tail[0, 16:], skip_special_tokens=True)
+    assert got[0] != tokenizer.decode(head[0, 16:], skip_special_tokens=True)  # the old, right-cut prompt
+    assert tokenizer.truncation_side == "right" and tokenizer.padding_side == "right"  # restored

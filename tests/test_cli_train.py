@@ -178,6 +178,7 @@ def test_config_file_unknown_key_and_precedence(tmp_path, capsys):
         (["--warmup-ratio", "1.0"], "warmup_ratio must be in [0, 1)"),
         (["--head-lr=-1e-3"], "head_lr must be > 0"),
         (["--alpha", "0"], "alpha must be > 0"),
+        (["--method", "vera", "--alpha", "32"], "alpha does not apply to --method vera"),
         (["--scheduler", "cosin"], "scheduler must be one of ['linear', 'cosine'"),
     ],
 )

@@ -223,6 +223,11 @@ class TrainSettings:
             (self.head_lr is None or self.head_lr > 0, "head_lr must be > 0 (or none: --lr)"),
             (self.alpha is None or self.alpha > 0, "alpha must be > 0 (or none: r)"),
             (
+                self.alpha is None or self.method not in ("vera", "full"),
+                f"alpha does not apply to --method {self.method} (VeRA scales by its trained vectors; full "
+                "fine-tuning has no adapter): leave --alpha out",
+            ),
+            (
                 self.calibration_memory_mb is None or self.calibration_memory_mb > 0,
                 "calibration_memory_mb must be > 0",
             ),

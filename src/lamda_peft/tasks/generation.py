@@ -28,15 +28,16 @@ def batched_generate(
 
     Args:
         continuation_only: decoder-only models: left-pad the prompts (generation appends on the
-            right, so prompts must end there) and return only the new tokens. False for
+            right, so prompts must end there), cut a prompt longer than `max_length` on the left
+            (its end is what the answer continues) and return only the new tokens. False for
             encoder-decoder models, whose output is the generated text itself.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
+    sides = tokenizer.padding_side, tokenizer.truncation_side
     if continuation_only:
-        tokenizer.padding_side = "left"
+        tokenizer.padding_side = tokenizer.truncation_side = "left"
     extra = {"pad_token_id": tokenizer.pad_token_id} if continuation_only else {}
     outputs = []
     try:
@@ -56,7 +57,7 @@ def batched_generate(
                 ids = ids[:, enc["input_ids"].shape[1] :]  # (batch, new tokens)
             outputs += tokenizer.batch_decode(ids, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
         model.train(was_training)
     return outputs
 
