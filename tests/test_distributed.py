@@ -176,3 +176,27 @@ def test_readme_accelerate_snippet_is_the_tested_code():
     for line in snippet.strip().splitlines():
         if line.strip() and not line.strip().startswith(("#", "import", "from", "for ")):
             assert line.strip() in worker, line
+
+
+def test_generation_is_split_across_processes_and_gathered_in_order(tmp_path):
+    """Under torch.distributed each rank generates for its share of the prompts (round-robin) and all
+    ranks get every continuation back, in order, equal to a single process's."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny_llama_with_smollm2_tokenizer
+    from generation_worker import PROMPTS
+    from lamda_peft.tasks.generation import generate_continuations
+
+    model_dir = tmp_path / "model"
+    tokenizer = save_tiny_llama_with_smollm2_tokenizer(model_dir)
+    single = generate_continuations(
+        AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer, PROMPTS, 32, 1, 5, 2
+    )
+    worker = Path(__file__).with_name("generation_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", worker]
+    r = _run([*cmd, "--model", model_dir, "--out", tmp_path], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["seen"] == PROMPTS[0::2] and ranks[1]["seen"] == PROMPTS[1::2]
+    assert ranks[0]["outputs"] == ranks[1]["outputs"] == single
+    assert len(set(single)) > 1  # the prompts' continuations differ, so the order is checked

@@ -26,12 +26,54 @@ def batched_generate(
 ) -> list[str]:
     """Generate for `texts` in batches (eval mode, greedy or beam search); the model's mode is restored.
 
+    Under torch.distributed (`accelerate launch`) each process generates for its share of `texts`
+    and every process gets all the outputs back, in order (see `across_ranks`).
+
     Args:
         continuation_only: decoder-only models: left-pad the prompts (generation appends on the
             right, so prompts must end there), cut a prompt longer than `max_length` on the left
             (its end is what the answer continues) and return only the new tokens. False for
             encoder-decoder models, whose output is the generated text itself.
     """
+    return across_ranks(
+        lambda share: _generate(
+            model, tokenizer, share, max_length, num_beams, max_new_tokens, batch_size, continuation_only
+        ),
+        texts,
+        model,
+    )
+
+
+def across_ranks(fn, items: list, model=None) -> list:
+    """`fn(items)`, with the items split round-robin over the torch.distributed processes.
+
+    Each process runs `fn` on items[rank::world] and every process returns the outputs of all of
+    them, in the order of `items`. One process, or a model sharded by FSDP (whose every forward is
+    a collective that all ranks must join in step), runs `fn(items)` whole.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or _is_fsdp(model):
+        return fn(items)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shares: list = [None] * world
+    dist.all_gather_object(shares, list(fn(items[rank::world])))
+    outputs: list = [None] * len(items)
+    for r, share in enumerate(shares):
+        outputs[r::world] = share
+    return outputs
+
+
+def _is_fsdp(model) -> bool:
+    if model is None:
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    fsdp2 = getattr(torch.distributed.fsdp, "FSDPModule", ())
+    return any(isinstance(m, (FullyShardedDataParallel, fsdp2)) for m in model.modules())
+
+
+def _generate(model, tokenizer, texts, max_length, num_beams, max_new_tokens, batch_size, continuation_only):
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
