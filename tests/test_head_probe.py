@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_bert
 from lamda_peft.cli import main
-from lamda_peft.tasks.head_probe import L2_GRID, HeadProbeError, head_inputs, probe_head
+from lamda_peft.tasks.head_probe import L2_GRID, HeadProbeError, fold_indices, head_inputs, probe_head
 
 
 def _batches(num_labels: int, n: int = 40, seed: int = 0):
@@ -145,3 +145,14 @@ def test_cli_head_init_probe_records_the_fit_and_refuses_causal_lm(tmp_path, cap
     bad = ["--task", "causal-lm", "--model", "smollm2", "--head-init", "probe", "--output-dir", str(tmp_path / "c")]
     assert main([*CLI_FAST, *bad]) == 2
     assert "--head-init probe applies to --task classification or regression" in capsys.readouterr().err
+
+
+def test_folds_are_a_seeded_shuffle_that_mixes_rows_sorted_by_label():
+    """Rows in file order are often sorted by label: every held-out fold still holds every class."""
+    labels = torch.arange(3).repeat_interleave(14)  # 42 rows, sorted: 14 of each class
+    folds = fold_indices(42, 5, seed=0)
+    assert sorted(torch.cat(folds).tolist()) == list(range(42))  # a partition
+    assert sorted(len(f) for f in folds) == [8, 8, 8, 9, 9]
+    assert all(set(labels[f].tolist()) == {0, 1, 2} for f in folds)
+    assert all(torch.equal(a, b) for a, b in zip(folds, fold_indices(42, 5, seed=0), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(folds, fold_indices(42, 5, seed=1), strict=True))

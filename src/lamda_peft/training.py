@@ -211,9 +211,9 @@ def _probe_head(model, head, train_rows: list[dict], collator, s: TrainSettings)
         raise CLIError(f"--head-init probe: --task {s.task} builds no new head")
     batches = _calibration_sample(train_rows, collator, s)  # the same rows as a calibrated init reads
     try:
-        report = head_probe.probe_head(model, head if isinstance(head, str) else head[0], batches)
+        report = head_probe.probe_head(model, head if isinstance(head, str) else head[0], batches, seed=s.seed)
     except head_probe.HeadProbeError as err:
-        raise CLIError(str(err)) from None
+        raise CLIError(f"{err} (--head-init random trains the head from its own init instead)") from None
     return report.to_dict()
 
 

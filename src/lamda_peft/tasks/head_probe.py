@@ -104,6 +104,14 @@ def _fit(head: nn.Module, x: torch.Tensor, y: torch.Tensor, l2: float, max_iter:
         opt.step(closure)
 
 
+def fold_indices(n: int, folds: int, seed: int) -> list[torch.Tensor]:
+    """The held-out rows of each cross-validation fold: a seeded permutation of range(n) cut into
+    `folds` slices whose sizes differ by at most one."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    bounds = [round(i * n / folds) for i in range(folds + 1)]
+    return [order[bounds[f] : bounds[f + 1]] for f in range(folds)]
+
+
 def probe_head(
     model: nn.Module,
     head_name: str,
@@ -111,12 +119,15 @@ def probe_head(
     folds: int = 5,
     l2_grid: tuple[float, ...] = L2_GRID,
     max_iter: int = 500,
+    seed: int = 0,
 ) -> ProbeReport:
     """Fit `model.<head_name>` on the frozen model's features of `batches` (keyword batches with labels).
 
     The head's parameters are replaced in place by the fit with the penalty of lowest `folds`-fold
-    cross-validated loss; everything else in the model is untouched. Deterministic: the folds are
-    contiguous slices of the rows in order, and every fit starts from the head's current values.
+    cross-validated loss; everything else in the model is untouched. Deterministic for a `seed`:
+    the folds are slices of a permutation of the rows drawn from it (rows in file order are often
+    sorted by label, which would leave classes out of a fold), and every fit starts from the
+    head's current values.
     """
     head = model.get_submodule(head_name)
     x, y = head_inputs(model, head, batches)
@@ -127,18 +138,17 @@ def probe_head(
     start = {k: v.detach().clone() for k, v in head.state_dict().items()}
     dtype = next(head.parameters()).dtype
     head.to(torch.float32)  # fitted in float32 whatever the head's dtype, and put back in it
-    bounds = [round(i * n / folds) for i in range(folds + 1)]
+    held_out = fold_indices(n, folds, seed)
     cv: dict[float, float] = {}
     try:
         for l2 in l2_grid:
             total = 0.0
-            for f in range(folds):
-                lo, hi = bounds[f], bounds[f + 1]
-                keep = torch.cat([torch.arange(0, lo), torch.arange(hi, n)])
+            for f, out in enumerate(held_out):
+                keep = torch.cat([held_out[g] for g in range(folds) if g != f])
                 head.load_state_dict(start)
                 _fit(head, x[keep], y[keep], l2, max_iter)
                 with torch.no_grad():
-                    total += _task_loss(head(x[lo:hi]), y[lo:hi]).item() * (hi - lo)
+                    total += _task_loss(head(x[out]), y[out]).item() * len(out)
             cv[l2] = total / n
         best = min(l2_grid, key=lambda k: (cv[k] if math.isfinite(cv[k]) else math.inf, k))
         head.load_state_dict(start)
