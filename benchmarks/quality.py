@@ -283,7 +283,7 @@ for _name, (_overrides, _lrs) in VARIANTS.items():
     if _overrides["method"] in ("lamda", "lamda++") and not _name.endswith("-combo"):
         VARIANTS[_name] = ({**PAPER_SETTINGS, **_overrides}, _lrs)
 # ... and the paper's spectral init unless they name another (the CLI's default init is now "gradient"),
-# and the head's own random init unless they name the probe (opt-in: `--head-init probe`)
+# and the head's own random init unless they name the probe (`--head-init probe`, the CLI default only for NF4 LaMDA)
 for _name, (_overrides, _lrs) in VARIANTS.items():
     if _overrides["method"] in ("lamda", "lamda++"):
         VARIANTS[_name] = ({"init": "spectral", "head_init": "random", **_overrides}, _lrs)

@@ -411,7 +411,8 @@ CLI_FAST = ["--max-length", "48", "--batch-size", "8", "--quiet", "--max-train-r
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lamda", "lora"])
 def test_cli_train_quantized(tmp_path, method):
-    """`lamda-peft train --quantize nf4`: QLaMDA, and PEFT QLoRA (LoRA on bitsandbytes Linear4bit)."""
+    """`lamda-peft train --quantize nf4`: QLaMDA (its head probed first by default), and PEFT QLoRA
+    (LoRA on bitsandbytes Linear4bit, PEFT's own head init)."""
     import json
 
     from lamda_peft.cli import main
@@ -425,9 +426,10 @@ def test_cli_train_quantized(tmp_path, method):
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     if method == "lamda":
         assert adapter["quantize"] == "nf4" and len(adapter["quantized_residual_sha256"]) == 36  # MiniLM's linears
+        assert metrics["head_probe"]["rows"] == 48  # the NF4 default fits the head first (--head-init probe)
         assert metrics["trainable_params_end"] < metrics["trainable_params_start"]
     else:
-        assert adapter["peft_type"] == "LORA"
+        assert adapter["peft_type"] == "LORA" and "head_probe" not in metrics
 
 
 def test_cli_quantize_bad_combinations(tmp_path, capsys):
