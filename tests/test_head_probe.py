@@ -142,6 +142,7 @@ def test_cli_head_init_probe_records_the_fit_and_refuses_causal_lm(tmp_path, cap
     assert main([*CLI_FAST, "--head-init", "probe", "--calibration-rows", "32", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["head_probe"]["rows"] == 32 and metrics["head_probe"]["l2"] in L2_GRID
+    assert 0 < metrics["head_probe"]["seconds"] < metrics["wall_time_s"]  # its cost, part of the run's
     bad = ["--task", "causal-lm", "--model", "smollm2", "--head-init", "probe", "--output-dir", str(tmp_path / "c")]
     assert main([*CLI_FAST, *bad]) == 2
     assert "--head-init probe applies to --task classification or regression" in capsys.readouterr().err

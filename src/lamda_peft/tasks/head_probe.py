@@ -14,6 +14,7 @@ on those rows (held-out loss), never on the evaluation data.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ class ProbeReport:
     cv_loss: dict[float, float]  # mean held-out-fold loss per penalty
     train_loss: float  # on all rows, with the chosen penalty's fit (penalty excluded)
     rows: int
+    seconds: float = 0.0  # wall time of the whole probe: the features' forward pass and every fit
 
     def to_dict(self) -> dict:
         return {
@@ -39,6 +41,7 @@ class ProbeReport:
             "cv_loss": {str(k): v for k, v in self.cv_loss.items()},
             "train_loss": self.train_loss,
             "rows": self.rows,
+            "seconds": self.seconds,
         }
 
 
@@ -129,6 +132,7 @@ def probe_head(
     sorted by label, which would leave classes out of a fold), and every fit starts from the
     head's current values.
     """
+    started = time.perf_counter()
     head = model.get_submodule(head_name)
     x, y = head_inputs(model, head, batches)
     n = len(y)
@@ -162,4 +166,4 @@ def probe_head(
         raise
     finally:
         head.to(dtype)
-    return ProbeReport(l2=best, cv_loss=cv, train_loss=train_loss, rows=n)
+    return ProbeReport(l2=best, cv_loss=cv, train_loss=train_loss, rows=n, seconds=time.perf_counter() - started)
