@@ -131,8 +131,8 @@ class TrainSettings:
     )
     # --head-init probe on MiniLM + drug reviews, full precision (LaMDA defaults, seeds 0-5): accuracy 0.704
     # against 0.714, so not the default there (README, "Two more ways..."). On NF4 over 18 seeds: accuracy
-    # 0.714 against 0.712 without it and 0.711 for PEFT QLoRA, macro-F1 0.530 against 0.463 and 0.501
-    # (README, "Quantized bases"): the default for exactly that measured setting.
+    # 0.714 against 0.712 without it and 0.712 for PEFT QLoRA on the same seeds, macro-F1 0.530 against
+    # 0.463 and 0.503 (README, "Quantized bases"): the default for exactly that measured setting.
     head_init: str | None = _f(
         None,
         "classification/regression: the new head's start (random: its own init; probe: fitted first on the "
