@@ -38,24 +38,15 @@ for seed in range(18):
     hm = base.get_submodule(name).float()
     start = {k: v.clone() for k, v in hm.state_dict().items()}
     n, folds = len(y), 5
+    bounds = [round(i * n / folds) for i in range(folds + 1)]
+    schemes = {
+        "contiguous": [torch.arange(bounds[f], bounds[f + 1]) for f in range(folds)],  # the old folds
+        "shuffled": head_probe.fold_indices(n, folds, seed),
+    }
     res = {}
-    for scheme in ("contiguous", "shuffled"):
-        if scheme == "contiguous":
-            b = [round(i * n / folds) for i in range(folds + 1)]
-            held = [torch.arange(b[f], b[f + 1]) for f in range(folds)]
-        else:
-            held = head_probe.fold_indices(n, folds, seed)
-        cv = {}
-        for l2 in head_probe.L2_GRID:
-            tot = 0.0
-            for f, o in enumerate(held):
-                keep = torch.cat([held[g] for g in range(folds) if g != f])
-                hm.load_state_dict(start)
-                head_probe._fit(hm, x[keep], y[keep], l2, 500)
-                with torch.no_grad():
-                    tot += head_probe._task_loss(hm(x[o]), y[o]).item() * len(o)
-            cv[l2] = tot / n
-        res[scheme] = min(head_probe.L2_GRID, key=lambda k: (cv[k], k))
+    for scheme, held in schemes.items():
+        cv = head_probe.cv_losses(hm, start, x, y, held, head_probe.L2_GRID, 500)
+        res[scheme] = head_probe.lowest_loss_l2(cv)
         res[scheme + "_cv"] = cv
     out[seed] = res
     print(seed, res["contiguous"], res["shuffled"], flush=True)

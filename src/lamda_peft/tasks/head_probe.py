@@ -115,6 +115,35 @@ def fold_indices(n: int, folds: int, seed: int) -> list[torch.Tensor]:
     return [order[bounds[f] : bounds[f + 1]] for f in range(folds)]
 
 
+def cv_losses(
+    head: nn.Module,
+    start: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    held_out: list[torch.Tensor],
+    l2_grid: tuple[float, ...],
+    max_iter: int,
+) -> dict[float, float]:
+    """Mean held-out loss per penalty: for each fold, `head` is reset to `start`, fitted on the other
+    folds' rows and scored on the fold's. The head is left holding the last fit."""
+    cv: dict[float, float] = {}
+    for l2 in l2_grid:
+        total = 0.0
+        for f, out in enumerate(held_out):
+            keep = torch.cat([held_out[g] for g in range(len(held_out)) if g != f])
+            head.load_state_dict(start)
+            _fit(head, x[keep], y[keep], l2, max_iter)
+            with torch.no_grad():
+                total += _task_loss(head(x[out]), y[out]).item() * len(out)
+        cv[l2] = total / len(y)
+    return cv
+
+
+def lowest_loss_l2(cv: dict[float, float]) -> float:
+    """The penalty of lowest cross-validated loss (a non-finite loss never wins; ties: the smaller)."""
+    return min(cv, key=lambda k: (cv[k] if math.isfinite(cv[k]) else math.inf, k))
+
+
 def probe_head(
     model: nn.Module,
     head_name: str,
@@ -142,19 +171,9 @@ def probe_head(
     start = {k: v.detach().clone() for k, v in head.state_dict().items()}
     dtype = next(head.parameters()).dtype
     head.to(torch.float32)  # fitted in float32 whatever the head's dtype, and put back in it
-    held_out = fold_indices(n, folds, seed)
-    cv: dict[float, float] = {}
     try:
-        for l2 in l2_grid:
-            total = 0.0
-            for f, out in enumerate(held_out):
-                keep = torch.cat([held_out[g] for g in range(folds) if g != f])
-                head.load_state_dict(start)
-                _fit(head, x[keep], y[keep], l2, max_iter)
-                with torch.no_grad():
-                    total += _task_loss(head(x[out]), y[out]).item() * len(out)
-            cv[l2] = total / n
-        best = min(l2_grid, key=lambda k: (cv[k] if math.isfinite(cv[k]) else math.inf, k))
+        cv = cv_losses(head, start, x, y, fold_indices(n, folds, seed), l2_grid, max_iter)
+        best = lowest_loss_l2(cv)
         head.load_state_dict(start)
         _fit(head, x, y, best, max_iter)
         with torch.no_grad():
